@@ -1,0 +1,2 @@
+from .vrwkv import *  # noqa: F401,F403
+from .vir import *  # noqa: F401,F403

@@ -1,0 +1,215 @@
+"""ViR: Vision Retention Networks (Hatamizadeh et al., arXiv 2310.19731), with retention as the paper means it:
+softmax-free and causal, class token appended **last** so it retains every patch, pos-embed on patches only.
+
+The authors' code (anom63931/ViR ``models/vir.py``) applies a softmax after the decay mask in its parallel path,
+which makes that path non-causal and different from its own recurrent/chunkwise paths; the golden files and
+this model follow the recurrent (softmax-free) definition, which all three forms agree on. Keys match the
+authors' (timm-style) names, so their checkpoints load through :func:`checkpoint_filter_fn`.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable, Dict, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .. import _compat  # noqa: F401
+from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from ..layers.retention import MultiScaleRetention
+from ..ops.retention import retention_parallel
+from ._common import cfg, resize_pos_embed_2d, square_grid
+
+__all__ = ["VisionRetention", "ViRBlock", "checkpoint_filter_fn"]
+
+
+class ViRBlock(nn.Module):
+    """Pre-norm block: ``x + dp(ls1(retention(norm1(x))))``, then ``x + dp(ls2(mlp(norm2(x))))``. ``[B, T, C]``."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4., init_values: Optional[float] = 1e-5,
+                 drop_path: float = 0., proj_drop: float = 0., retention_norm: bool = False,
+                 retention_fn: Callable = retention_parallel, norm_layer: Callable = partial(nn.LayerNorm, eps=1e-6)):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.retention = MultiScaleRetention(dim, num_heads, retention_norm, retention_fn)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.retention(self.norm1(x))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class VisionRetention(nn.Module):
+    """ViR classifier: patch embed + patch pos-embed, class token appended last, ``depth`` retention blocks,
+    final LayerNorm (eps 1e-6), head on the last (class) token.
+
+    Args:
+        img_size: default input size (pos-embed grid); other sizes work at run time (pos-embed resized
+            bicubically; sides not divisible by the patch are zero-padded bottom/right).
+        patch_size, in_chans, num_classes: as timm's ViT.
+        global_pool: ``'token_last'`` (paper: the class token, last), ``'avg'`` (mean of patch tokens) or ``''``.
+        embed_dim, depth, num_heads, mlp_ratio: width, blocks, heads, MLP hidden ratio.
+        init_values: LayerScale init (None disables it).
+        retention_norm: per-head RMSNorm of the retention output (off = the authors' variant).
+        drop_rate, pos_drop_rate, proj_drop_rate, drop_path_rate: dropouts and stochastic depth.
+        retention_fn: retention form (default :func:`linvision.ops.retention_parallel`).
+
+    Shapes: input ``[B, in_chans, H, W]``; ``forward_features`` → ``[B, T + 1, C]`` (class token last);
+    ``forward`` → ``[B, num_classes]``.
+    """
+
+    def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: Union[int, Tuple[int, int]] = 16,
+                 in_chans: int = 3, num_classes: int = 1000, global_pool: str = "token_last", embed_dim: int = 192,
+                 depth: int = 12, num_heads: int = 3, mlp_ratio: float = 4., init_values: Optional[float] = 1e-5,
+                 retention_norm: bool = False, drop_rate: float = 0., pos_drop_rate: float = 0.,
+                 proj_drop_rate: float = 0., drop_path_rate: float = 0.,
+                 retention_fn: Callable = retention_parallel):
+        super().__init__()
+        assert global_pool in ("", "avg", "token_last"), f"unknown global_pool {global_pool!r}"
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        self.num_classes, self.global_pool = num_classes, global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1  # the class token (it is appended last, not prefixed)
+        self.grad_checkpointing = False
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, bias=True, strict_img_size=False,
+                                      output_fmt="NHWC", dynamic_img_pad=True)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, self.patch_embed.num_patches, embed_dim) * .02)
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.Sequential(*[
+            ViRBlock(embed_dim, num_heads, mlp_ratio, init_values, dpr[i], proj_drop_rate, retention_norm,
+                     retention_fn, norm_layer) for i in range(depth)])
+        self.norm = norm_layer(embed_dim)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        # authors' init (timm ViT 'init_weights_vit_timm'): trunc-normal 0.02 Linear, zero bias; cls N(0, 1e-6)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {"pos_embed", "cls_token"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(stem=r"^cls_token|pos_embed|patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the head with a fresh ``Linear(embed_dim, num_classes)`` (Identity for 0)."""
+        self.num_classes = num_classes
+        if global_pool is not None:
+            assert global_pool in ("", "avg", "token_last")
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        x = x.reshape(B, H * W, C) + resize_pos_embed_2d(self.pos_embed, self.patch_embed.grid_size, (H, W))
+        x = torch.cat([x, self.cls_token.expand(B, -1, -1)], dim=1)  # class token LAST
+        return self.pos_drop(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, in_chans, H, W]`` → final-normed tokens ``[B, T + 1, C]`` (patches row-major, class token last)."""
+        x = self._pos_embed(self.patch_embed(x))
+        for blk in self.blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens ``[B, T + 1, C]`` → logits ``[B, num_classes]`` (pooled features if ``pre_logits``)."""
+        if self.global_pool == "token_last":
+            x = x[:, -1]
+        elif self.global_pool == "avg":
+            x = x[:, :-1].mean(dim=1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionRetention) -> Dict[str, torch.Tensor]:
+    """Map an authors' ViR state dict (``{'model': ...}``, ``{'state_dict': ...}`` or flat; timm-style keys) to
+    this model: drops ``__*__`` golden entries and the authors' unused buffers, resizes ``pos_embed`` (bicubic)
+    to the model's patch grid."""
+    for key in ("model", "state_dict"):
+        if key in state_dict and isinstance(state_dict[key], dict):
+            state_dict = state_dict[key]
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith("__") or k.startswith("decay_mask."):
+            continue
+        k = k[len("module."):] if k.startswith("module.") else k
+        if k == "pos_embed" and v.shape != model.pos_embed.shape:
+            v = resize_pos_embed_2d(v, square_grid(v.shape[1]), model.patch_embed.grid_size)
+        out[k] = v
+    return out
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> VisionRetention:
+    return build_model_with_cfg(VisionRetention, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(out_indices=3, feature_cls="getter"), **kwargs)
+
+
+_cfg = partial(cfg, first_conv="patch_embed.proj", paper_ids="arXiv:2310.19731", license="other")
+default_cfgs = generate_default_cfgs({
+    "vir_tiny": _cfg(),
+    "vir_small": _cfg(),
+    "vir_base": _cfg(),
+    "test_vir": _cfg(input_size=(3, 64, 64), num_classes=10),
+})
+
+
+def _model(name: str, pretrained: bool, defaults: Dict[str, Any], kwargs: Dict[str, Any]) -> VisionRetention:
+    return _create(name, pretrained, **{**defaults, **kwargs})
+
+
+@register_model
+def vir_tiny(pretrained: bool = False, **kwargs) -> VisionRetention:
+    """ViR-T/16: C 192, 3 heads, depth 12, MLP ratio 4, LayerScale 1e-5."""
+    return _model("vir_tiny", pretrained, dict(embed_dim=192, depth=12, num_heads=3), kwargs)
+
+
+@register_model
+def vir_small(pretrained: bool = False, **kwargs) -> VisionRetention:
+    """ViR-S/16: C 384, 6 heads, depth 12."""
+    return _model("vir_small", pretrained, dict(embed_dim=384, depth=12, num_heads=6), kwargs)
+
+
+@register_model
+def vir_base(pretrained: bool = False, **kwargs) -> VisionRetention:
+    """ViR-B/16: C 768, 12 heads, depth 12."""
+    return _model("vir_base", pretrained, dict(embed_dim=768, depth=12, num_heads=12), kwargs)
+
+
+@register_model
+def test_vir(pretrained: bool = False, **kwargs) -> VisionRetention:
+    """Tiny test model = ``../shared/golden/vir_golden_small.json`` (64×64, patch 16, C 64, 2 heads, depth 2)."""
+    return _model("test_vir", pretrained, dict(img_size=64, embed_dim=64, depth=2, num_heads=2, num_classes=10),
+                  kwargs)

@@ -1,0 +1,95 @@
+"""Bi-WKV: the bidirectional linear attention of Vision-RWKV (Duan et al., arXiv 2403.02308, Eq. 5).
+
+For one channel c (all channels are independent), with per-channel decay ``w`` and bonus ``u`` and per-token
+key ``k_i`` and value ``v_i`` (i = 0..T-1)::
+
+    wkv_t = ( sum_{i != t} exp(-(|t-i| - 1) * w + k_i) * v_i  +  exp(u + k_t) * v_t )
+          / ( sum_{i != t} exp(-(|t-i| - 1) * w + k_i)        +  exp(u + k_t)       )
+
+The model passes ``w = spatial_decay / T`` and ``u = spatial_first / T`` (the official code divides both by the
+token count T). ``w`` may be negative (weight then grows with distance).
+
+Two forms share one signature ``(w, u, k, v) -> [B, T, C]``:
+
+* :func:`bi_wkv_ref` — Eq. 5 written plainly: the full ``[B, T, T, C]`` logit tensor in float64, max-subtracted
+  per output token. O(T^2 C B) time and memory. The reference every other form is tested against.
+* :func:`bi_wkv` — the form the models use. For now the *Toeplitz matmul* form: the distance weights
+  ``D[c, t, i] = exp(-(|t-i|-1) w_c)`` do not depend on the batch, so numerator and denominator are one batched
+  ``[C, T, T] x [C, T, B]`` matmul each, with ``exp(k - max_i k)`` and a per-channel shift of the decay exponent
+  for stability. O(T^2 C) memory (not O(T^2 C B)), fp32 inside for low-precision inputs. The O(T) scan is
+  tracked in its own issue.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["bi_wkv_ref", "bi_wkv"]
+
+
+def _check(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if k.dim() != 3 or k.shape != v.shape:
+        raise ValueError(f"bi_wkv: k and v must both be [B, T, C], got {tuple(k.shape)} and {tuple(v.shape)}")
+    C = k.shape[-1]
+    if w.shape != (C,) or u.shape != (C,):
+        raise ValueError(f"bi_wkv: w and u must be [C={C}], got {tuple(w.shape)} and {tuple(u.shape)}")
+
+
+def bi_wkv_ref(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Bi-WKV by the definition (paper Eq. 5), in float64.
+
+    Args:
+        w: ``[C]`` decay per channel (already divided by T), any float dtype.
+        u: ``[C]`` bonus of the token itself (already divided by T).
+        k: ``[B, T, C]`` keys.
+        v: ``[B, T, C]`` values.
+
+    Returns:
+        ``[B, T, C]`` in the dtype of ``v``. Differentiable (autograd through the O(T^2) graph).
+
+    Raises:
+        ValueError: on mismatched shapes.
+    """
+    _check(w, u, k, v)
+    out_dtype = v.dtype
+    w, u, k, v = (t.double() for t in (w, u, k, v))
+    T = k.shape[1]
+    idx = torch.arange(T, device=k.device)
+    dist = (idx[:, None] - idx[None, :]).abs().double()  # [T, T]
+    eye = dist == 0
+    # logits[b, t, i, c] = -(|t-i|-1) w_c + k_i,c  (i != t);  u_c + k_t,c  (i == t)
+    logits = -(dist - 1)[None, :, :, None] * w + k[:, None, :, :]
+    logits = torch.where(eye[None, :, :, None], (u + k)[:, :, None, :].expand_as(logits), logits)
+    p = torch.exp(logits - logits.amax(dim=2, keepdim=True))  # max-subtracted over i
+    return ((p * v[:, None, :, :]).sum(2) / p.sum(2)).to(out_dtype)
+
+
+def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Bi-WKV (paper Eq. 5) as two batched Toeplitz matmuls; same contract as :func:`bi_wkv_ref`.
+
+    Stability: the ratio is unchanged when the terms of one output token are scaled by a common factor, so
+    keys use ``exp(k_i - max_i k)`` (per batch, channel) and the decay weights use
+    ``exp(-(|t-i|-1) w_c - m_c)`` with ``m_c`` the largest decay exponent of channel c (``0`` for ``w_c >= 0``,
+    ``(T-2)|w_c|`` for ``w_c < 0``); the bonus term is scaled by the same ``exp(-m_c)``.
+
+    Args:
+        w, u: ``[C]``; k, v: ``[B, T, C]``. bf16/fp16 inputs are computed in fp32.
+
+    Returns:
+        ``[B, T, C]`` in the dtype of ``v``.
+    """
+    _check(w, u, k, v)
+    out_dtype = v.dtype
+    cd = torch.promote_types(v.dtype, torch.float32)
+    w, u, k, v = (t.to(cd) for t in (w, u, k, v))
+    T = k.shape[1]
+    idx = torch.arange(T, device=k.device)
+    dist = (idx[:, None] - idx[None, :]).abs().to(cd)  # [T, T]
+    expo = -(dist - 1)[None] * w[:, None, None]  # [C, T, T]
+    m = (-w).clamp(min=0) * max(T - 2, 0)  # [C] max off-diagonal exponent
+    decay = torch.exp(expo - m[:, None, None]).masked_fill(dist[None] == 0, 0.0)  # [C, T, T]
+    ek = torch.exp(k - k.amax(dim=1, keepdim=True))  # [B, T, C]
+    bonus = torch.exp(u - m) * ek  # [B, T, C]
+    # [C, T, T] @ [C, T, B] -> [C, T, B]
+    num = torch.bmm(decay, (ek * v).permute(2, 1, 0)).permute(2, 1, 0) + bonus * v
+    den = torch.bmm(decay, ek.permute(2, 1, 0)).permute(2, 1, 0) + bonus
+    return (num / den).to(out_dtype)

@@ -1,0 +1,111 @@
+"""Multi-scale retention (RetNet, Sun et al. 2023; used by ViR, Hatamizadeh et al., arXiv 2310.19731, Sec. 3).
+
+Conventions follow fla (``fla.ops.retention``): ``q, k: [B, T, H, K]``, ``v: [B, T, H, V]``, per-head decay
+``gamma: [H]`` (0 < γ < 1), ``scale`` multiplies q (default ``K ** -0.5``), an optional ``initial_state:
+[B, H, K, V]``, and every form returns ``(o: [B, T, H, V], final_state: [B, H, K, V] | None)``.
+
+Parallel definition (what :func:`retention_ref` computes)::
+
+    o = ((q kᵀ) ⊙ D) v,   D[h, n, m] = γ_h^(n - m) if m <= n else 0          (causal, no softmax)
+
+and with a state S_0 carried in from earlier tokens::
+
+    o_n += γ^(n+1) q_n S_0,     S_T = γ^T S_0 + Σ_m γ^(T-1-m) k_mᵀ v_m
+
+which is exactly the recurrence S_n = γ S_{n-1} + k_nᵀ v_n, o_n = q_n S_n unrolled.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["retention_ref", "retention_parallel", "decay_gammas"]
+
+Out = Tuple[torch.Tensor, Optional[torch.Tensor]]
+
+
+def decay_gammas(num_heads: int) -> torch.Tensor:
+    """ViR/RetNet per-head decay γ_h = 1 - exp(linspace(log 1/32, log 1/512, H)), float32 ``[H]``.
+
+    Computed in float32 exactly as the authors' code does (the golden files were made that way).
+    """
+    return 1 - torch.exp(torch.linspace(math.log(1 / 32), math.log(1 / 512), num_heads))
+
+
+def _check(q, k, v, gamma, initial_state) -> None:
+    B, T, H, K = q.shape
+    if k.shape != q.shape or v.shape[:3] != (B, T, H):
+        raise ValueError(f"retention: q, k must be [B, T, H, K] and v [B, T, H, V]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if gamma.shape != (H,):
+        raise ValueError(f"retention: gamma must be [H={H}], got {tuple(gamma.shape)}")
+    if initial_state is not None and initial_state.shape != (B, H, K, v.shape[-1]):
+        raise ValueError(f"retention: initial_state must be [B, H, K, V]={(B, H, K, v.shape[-1])}, "
+                         f"got {tuple(initial_state.shape)}")
+
+
+def retention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor,
+                  scale: Optional[float] = None, initial_state: Optional[torch.Tensor] = None,
+                  output_final_state: bool = False) -> Out:
+    """Retention by the parallel definition, in float64 (the reference; O(T^2) time and memory).
+
+    Args:
+        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; gamma: ``[H]`` decay; scale: q multiplier
+            (default ``K ** -0.5``); initial_state: ``[B, H, K, V]`` or None; output_final_state: return S_T.
+
+    Returns:
+        ``(o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float64 or None)``.
+
+    Raises:
+        ValueError: on mismatched shapes.
+    """
+    _check(q, k, v, gamma, initial_state)
+    dtype = v.dtype
+    T, K = q.shape[1], q.shape[-1]
+    scale = K ** -0.5 if scale is None else scale
+    q, k, v, g = q.double() * scale, k.double(), v.double(), gamma.double()
+    n = torch.arange(T, device=q.device, dtype=torch.float64)
+    diff = n[:, None] - n[None, :]  # [T, T]  n - m
+    D = torch.where(diff >= 0, g[:, None, None] ** diff.clamp(min=0), torch.zeros((), dtype=torch.float64,
+                                                                                      device=q.device))
+    o = torch.einsum("bnhk,bmhk,hnm,bmhv->bnhv", q, k, D, v)
+    S = None
+    if initial_state is not None:
+        S0 = initial_state.double()
+        o = o + torch.einsum("bnhk,hn,bhkv->bnhv", q, g[:, None] ** (n + 1), S0)
+    if output_final_state:
+        S = torch.einsum("hm,bmhk,bmhv->bhkv", g[:, None] ** (T - 1 - n), k, v)
+        if initial_state is not None:
+            S = S + (g ** T)[None, :, None, None] * initial_state.double()
+    return o.to(dtype), S
+
+
+def retention_parallel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor,
+                       scale: Optional[float] = None, initial_state: Optional[torch.Tensor] = None,
+                       output_final_state: bool = False) -> Out:
+    """Parallel (training) form: one ``[B, H, T, T]`` masked score matrix, computed in q's dtype.
+
+    The decay mask is built in log space, ``D = exp((n - m) log γ)`` on ``m <= n`` and 0 above the diagonal, so
+    no ``γ ** inf`` is evaluated. Same arguments, returns and errors as :func:`retention_ref`; the final state
+    is returned in q's dtype.
+    """
+    _check(q, k, v, gamma, initial_state)
+    B, T, H, K = q.shape
+    scale = K ** -0.5 if scale is None else scale
+    q, k, v = (t.transpose(1, 2) for t in (q * scale, k, v))  # [B, H, T, *]
+    log_g = torch.log(gamma.to(q.dtype))[:, None, None]  # [H, 1, 1]
+    n = torch.arange(T, device=q.device, dtype=q.dtype)
+    diff = n[:, None] - n[None, :]
+    D = torch.exp(log_g * diff.clamp(min=0)) * (diff >= 0)  # [H, T, T]
+    o = ((q @ k.transpose(-1, -2)) * D) @ v  # [B, H, T, V]
+    S = None
+    if initial_state is not None:
+        o = o + torch.exp(log_g * (n + 1)[:, None]) * (q @ initial_state.to(q.dtype))
+    if output_final_state:
+        w = torch.exp(log_g * (T - 1 - n)[:, None])  # [H, T, 1]
+        S = (k * w).transpose(-1, -2) @ v  # [B, H, K, V]
+        if initial_state is not None:
+            S = S + torch.exp(log_g * T) * initial_state.to(q.dtype)
+    return o.transpose(1, 2), S
