@@ -1,0 +1,181 @@
+"""timm-style generic model checks for every linvision model, plus the official golden files."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import linvision  # noqa: F401  (registers models; must precede timm)
+import timm
+from safetensors.torch import load_file, save_file
+
+GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
+MODELS = sorted(n for n in timm.list_models() if timm.get_pretrained_cfg(n) is not None
+                and getattr(timm.get_pretrained_cfg(n), "paper_ids", None) in ("arXiv:2403.02308", "arXiv:2310.19731"))
+SMALL = dict(img_size=64)  # keeps the large models cheap on 2 CPU cores
+
+
+def test_registry_lists_every_family():
+    for name in ["vrwkv_tiny", "vrwkv_small", "vrwkv_base", "vrwkv_large", "vir_tiny", "vir_small", "vir_base",
+                 "test_vrwkv", "test_vrwkv_postnorm", "test_vir"]:
+        assert name in MODELS and timm.is_model(name)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_model_contract(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=7, drop_path_rate=0., **SMALL)  # no dropped branches
+    assert model.default_cfg is model.pretrained_cfg and model.pretrained_cfg["architecture"] == name
+    assert isinstance(model.no_weight_decay(), set) and "pos_embed" in model.no_weight_decay()
+    x = torch.randn(2, 3, 64, 64)
+    out = model(x)
+    assert out.shape == (2, 7) and torch.isfinite(out).all()
+    out.sum().backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert not no_grad, f"parameters without gradient: {no_grad[:5]}"
+    model.eval()
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert feats.shape[0] == 2 and feats.shape[-1] == model.num_features
+        torch.testing.assert_close(model.forward_head(feats), model(x))
+        pre = model.forward_head(feats, pre_logits=True)
+        assert pre.shape == (2, model.head_hidden_size)
+        model.reset_classifier(3)
+        assert model(x).shape == (2, 3) and model.get_classifier().out_features == 3
+        model.reset_classifier(0)
+        assert model(x).shape == (2, model.head_hidden_size)
+
+
+@pytest.mark.parametrize("name", ["test_vrwkv", "test_vir", "vrwkv_tiny", "vir_tiny"])
+def test_other_input_sizes(name):
+    """Non-default, non-square sizes (pos-embed resized), other patch/channels; sides not divisible by the patch
+    are padded bottom/right (official Vision-RWKV PatchEmbed padding='corner')."""
+    model = timm.create_model(name, num_classes=5, img_size=48, patch_size=8, in_chans=1).eval()
+    with torch.no_grad():
+        for hw in [(48, 48), (32, 80), (37, 50)]:
+            out = model(torch.randn(1, 1, *hw))
+            assert out.shape == (1, 5) and torch.isfinite(out).all()
+        ntok = model.forward_features(torch.randn(1, 1, 37, 50)).shape[1]
+    assert ntok == 5 * 7 + model.num_prefix_tokens
+
+
+def test_constructor_img_size_changes_pos_embed():
+    m = timm.create_model("vrwkv_tiny", img_size=32, patch_size=4, num_classes=10)
+    assert m.pos_embed.shape == (1, 64, 192)
+    m = timm.create_model("vir_tiny", img_size=(32, 48), patch_size=8, num_classes=10)
+    assert m.pos_embed.shape == (1, 24, 192)
+
+
+def test_official_configs():
+    cfgs = {n: timm.create_model(n, img_size=32) for n in ["vrwkv_tiny", "vrwkv_small", "vrwkv_large"]}
+    t, s, L = cfgs["vrwkv_tiny"], cfgs["vrwkv_small"], cfgs["vrwkv_large"]
+    assert (t.embed_dim, len(t.blocks), t.blocks[0].channel_mix.key.out_features) == (192, 12, 768)
+    assert not t.blocks[0].post_norm and isinstance(t.blocks[0].ls1, torch.nn.Identity)
+    assert s.blocks[0].post_norm and s.blocks[0].ls1.gamma[0].item() == 1.0
+    assert abs(s.blocks[-1].drop_path.drop_prob - 0.3) < 1e-6
+    assert (L.embed_dim, len(L.blocks)) == (1024, 24) and isinstance(L.blocks[0].spatial_mix.key_norm, torch.nn.LayerNorm)
+    assert L.pre_logits.fc.out_features == 3072 and L.head.in_features == 3072
+    v = timm.create_model("vir_small", img_size=32)
+    assert (v.embed_dim, v.blocks[0].retention.num_heads, v.blocks[0].mlp.fc1.out_features) == (384, 6, 1536)
+    assert v.blocks[0].norm1.eps == 1e-6 and v.blocks[0].ls1.gamma[0].item() == pytest.approx(1e-5)
+
+
+def test_fancy_init_matches_official_formulas():
+    m = timm.create_model("vrwkv_tiny", img_size=32)
+    L, C = 12, 192
+    c = torch.arange(C, dtype=torch.float32)
+    for l in (0, 5, 11):
+        sm, cm = m.blocks[l].spatial_mix, m.blocks[l].channel_mix
+        r0, r1 = l / (L - 1), 1 - l / L
+        torch.testing.assert_close(sm.spatial_decay.data, -5 + 8 * (c / (C - 1)) ** (0.7 + 1.3 * r0))
+        torch.testing.assert_close(sm.spatial_first.data, torch.log(torch.tensor(0.3)) + 0.5 * (((c + 1) % 3) - 1))
+        torch.testing.assert_close(sm.mix_v.data, (c / C) ** r1 + 0.3 * r0)
+        torch.testing.assert_close(sm.mix_r.data, (c / C) ** (0.5 * r1))
+        torch.testing.assert_close(cm.mix_k.data, (c / C) ** r1)
+    assert m.pos_embed.abs().sum() == 0
+
+
+# --------------------------------------------------------------------------------------- official golden files
+GOLDENS = [("vrwkv_golden_small", "test_vrwkv"), ("vrwkv_golden_small_rand", "test_vrwkv"),
+           ("vrwkv_golden_small_postnorm", "test_vrwkv_postnorm"),
+           ("vrwkv_golden_small_postnorm_rand", "test_vrwkv_postnorm"),
+           ("vir_golden_small", "test_vir"), ("vir_golden_small_rand", "test_vir")]
+
+
+def _json_args(name: str) -> dict:
+    """Constructor arguments that differ from the registered test model's defaults, read from the golden JSON."""
+    meta = json.loads((GOLDEN / f"{name}.json").read_text())
+    bb = meta.get("config", {}).get("backbone")
+    if bb is not None and bb.get("init_values") not in (None, 1e-5):
+        return dict(init_values=bb["init_values"])
+    return {}
+
+
+@pytest.mark.skipif(not GOLDEN.exists(), reason="../shared/golden not present on this machine")
+@pytest.mark.parametrize("golden,model_name", GOLDENS)
+def test_golden_logits(golden, model_name):
+    path = GOLDEN / f"{golden}.safetensors"
+    model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                              **_json_args(golden)).eval()
+    ref = load_file(str(path))
+    with torch.no_grad():
+        feats = model.forward_features(ref["__input__"])
+        logits = model.forward_head(feats)
+    assert (logits - ref["__logits__"]).abs().max() <= 1e-4
+    assert (model.forward_head(feats, pre_logits=True) - ref["__features__"]).abs().max() <= 1e-4
+
+
+def _to_official_vrwkv(sd: dict) -> dict:
+    """Inverse of vrwkv.checkpoint_filter_fn, written independently: linvision keys -> mmcls keys."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("norm_pre."):
+            k = "backbone.layers.0.ln0." + k.split(".", 1)[1]
+        elif k.startswith("blocks."):
+            k = ("backbone.layers." + k[len("blocks."):]).replace(".spatial_mix.", ".att.").replace(
+                ".channel_mix.", ".ffn.").replace(".mix_", ".spatial_mix_").replace(".ls1.gamma", ".gamma1").replace(
+                ".ls2.gamma", ".gamma2").replace(".norm1.", ".ln1.").replace(".norm2.", ".ln2.")
+            if ".spatial_mix_" in k:
+                v = v.reshape(1, 1, -1)
+        elif k.startswith("norm."):
+            k = "backbone.ln1." + k.split(".", 1)[1]
+        elif k.startswith("patch_embed.proj."):
+            k = "backbone.patch_embed.projection." + k.split(".")[-1]
+        elif k == "pos_embed":
+            k = "backbone.pos_embed"
+        elif k.startswith("pre_logits.fc."):
+            k = "head.layers.pre_logits." + k.split(".")[-1]
+        elif k.startswith("head."):
+            k = ("head.layers.head." if "pre_logits.fc.weight" in sd else "head.fc.") + k.split(".")[-1]
+        out[k] = v.contiguous()
+    return out
+
+
+@pytest.mark.parametrize("name,kw", [("vrwkv_large", dict(depth=2)), ("vrwkv_small", {})])
+def test_full_size_official_keys_load(tmp_path, name, kw):
+    """A full-width checkpoint under official mmcls key names (incl. the L head's pre_logits) loads strictly
+    and, at another resolution, gets its pos-embed resized."""
+    torch.manual_seed(0)
+    src = timm.create_model(name, img_size=224, num_classes=11, **kw).eval()
+    file = tmp_path / "official.safetensors"
+    save_file(_to_official_vrwkv(src.state_dict()), str(file))
+    dst = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(file), num_classes=11),
+                            num_classes=11, img_size=224, **kw).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(dst(x), src(x))
+    resized = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(file), num_classes=11),
+                                num_classes=11, img_size=256, **kw)
+    assert resized.pos_embed.shape[1] == 256
+
+
+def test_shim_then_timm_imports_cleanly():
+    code = "import linvision, timm, torchvision; m = timm.create_model('vrwkv_tiny'); print(type(m).__name__)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "VisionRWKV"
