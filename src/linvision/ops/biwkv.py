@@ -87,9 +87,9 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     expo = -(dist - 1)[None] * w[:, None, None]  # [C, T, T]
     m = (-w).clamp(min=0) * max(T - 2, 0)  # [C] max off-diagonal exponent
     decay = torch.exp(expo - m[:, None, None]).masked_fill(dist[None] == 0, 0.0)  # [C, T, T]
-    ek = torch.exp(k - k.amax(dim=1, keepdim=True))  # [B, T, C]
-    bonus = torch.exp(u - m) * ek  # [B, T, C]
-    # [C, T, T] @ [C, T, B] -> [C, T, B]
-    num = torch.bmm(decay, (ek * v).permute(2, 1, 0)).permute(2, 1, 0) + bonus * v
-    den = torch.bmm(decay, ek.permute(2, 1, 0)).permute(2, 1, 0) + bonus
-    return (num / den).to(out_dtype)
+    k, v = k.permute(2, 1, 0).contiguous(), v.permute(2, 1, 0).contiguous()  # [C, T, B]: bmm over channels
+    ek = torch.exp(k - k.amax(dim=1, keepdim=True))  # [C, T, B]
+    bonus = torch.exp(u - m)[:, None, None] * ek  # [C, T, B]
+    num = torch.bmm(decay, ek * v) + bonus * v  # [C, T, T] @ [C, T, B] -> [C, T, B]
+    den = torch.bmm(decay, ek) + bonus
+    return (num / den).permute(2, 1, 0).to(out_dtype)
