@@ -1,12 +1,15 @@
 """Fast forms of the token-mixing ops against their plain references: outputs, states and all gradients."""
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
 import linvision  # noqa: F401
 from linvision.layers.rwkv import q_shift
-from linvision.ops import bi_wkv, bi_wkv_ref, retention_parallel, retention_ref
+from linvision.ops import (bi_wkv, bi_wkv_ref, retention_chunkwise, retention_parallel, retention_recurrent,
+                           retention_ref)
 
 
 def rel_rms(a: torch.Tensor, b: torch.Tensor, floor: float = 1.0) -> float:
@@ -108,14 +111,26 @@ def _ret_inputs(B, T, H, K, V, dtype, seed=0, state=True):
     return [t.requires_grad_() if t is not None else None for t in (q, k, v, s0)]
 
 
+FORMS = {
+    "parallel": retention_parallel,
+    "recurrent": retention_recurrent,
+    "chunkwise16": partial(retention_chunkwise, chunk_size=16),
+    "chunkwise64": partial(retention_chunkwise, chunk_size=64),
+    "chunkwise7": partial(retention_chunkwise, chunk_size=7),    # divides 7 and 63, not the others
+}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("T,H", [(1, 1), (2, 3), (7, 12), (63, 3), (197, 3), (1000, 1)])
-def test_retention_parallel_matches_reference(dtype, T, H):
+def test_retention_forms_match_reference(form, dtype, T, H):
+    """Outputs, final state and gradients of q, k, v and the initial state, against retention_ref."""
     from linvision.ops import decay_gammas
     gamma = decay_gammas(H)
     q, k, v, s0 = _ret_inputs(2, T, H, 8, 6, dtype)
-    o, S = retention_parallel(q, k, v, gamma, initial_state=s0, output_final_state=True)
+    o, S = FORMS[form](q, k, v, gamma, initial_state=s0, output_final_state=True)
     o_ref, S_ref = retention_ref(q, k, v, gamma, initial_state=s0, output_final_state=True)
+    assert o.dtype == dtype and S.dtype == dtype
     assert rel_rms(o, o_ref) < 1e-5 and rel_rms(S, S_ref) < 1e-5
     go, gS = torch.randn_like(o), torch.randn_like(S)
     ins = (q, k, v, s0)

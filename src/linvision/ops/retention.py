@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["retention_ref", "retention_parallel", "decay_gammas"]
+__all__ = ["retention_ref", "retention_parallel", "retention_recurrent", "retention_chunkwise", "decay_gammas"]
 
 Out = Tuple[torch.Tensor, Optional[torch.Tensor]]
 
@@ -109,3 +109,53 @@ def retention_parallel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma:
         if initial_state is not None:
             S = S + torch.exp(log_g * T) * initial_state.to(q.dtype)
     return o.transpose(1, 2), S
+
+
+def retention_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor,
+                        scale: Optional[float] = None, initial_state: Optional[torch.Tensor] = None,
+                        output_final_state: bool = False) -> Out:
+    """Recurrent form, token by token: ``S_n = γ S_{n-1} + k_nᵀ v_n``, ``o_n = q_n S_n`` (constant memory in T).
+
+    Same arguments, returns and errors as :func:`retention_ref`; computed in q's dtype.
+    """
+    _check(q, k, v, gamma, initial_state)
+    B, T, H, K = q.shape
+    scale = K ** -0.5 if scale is None else scale
+    g = gamma.to(q.dtype)[None, :, None, None]  # [1, H, 1, 1]
+    S = q.new_zeros(B, H, K, v.shape[-1]) if initial_state is None else initial_state.to(q.dtype)
+    outs = []
+    for n in range(T):
+        S = g * S + k[:, n, :, :, None] * v[:, n, :, None, :]  # [B, H, K, V]
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, n] * scale, S))
+    o = torch.stack(outs, dim=1) if outs else v.new_zeros(v.shape)
+    return o, (S if output_final_state else None)
+
+
+def retention_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor,
+                        scale: Optional[float] = None, initial_state: Optional[torch.Tensor] = None,
+                        output_final_state: bool = False, chunk_size: int = 64) -> Out:
+    """Chunkwise form: parallel inside chunks of ``chunk_size`` tokens, recurrent across them.
+
+    For a chunk of L tokens with incoming state S (RetNet Eq. 7)::
+
+        o_i   = Σ_{j<=i} γ^(i-j) (q_i · k_j) v_j  +  γ^(i+1) q_i S          (intra-chunk + cross-chunk)
+        S_out = γ^L S + Σ_j γ^(L-1-j) k_jᵀ v_j
+
+    which is :func:`retention_parallel` with ``initial_state`` applied to each chunk in turn. The last chunk
+    may be shorter (T need not be a multiple of ``chunk_size``). Memory O(B H chunk²) instead of O(B H T²).
+    Same arguments, returns and errors as :func:`retention_ref`, plus ``chunk_size >= 1``.
+    """
+    _check(q, k, v, gamma, initial_state)
+    if chunk_size < 1:
+        raise ValueError(f"retention_chunkwise: chunk_size must be >= 1, got {chunk_size}")
+    T, K = q.shape[1], q.shape[-1]
+    scale = K ** -0.5 if scale is None else scale
+    S, outs = initial_state, []
+    for s in range(0, T, chunk_size):
+        sl = slice(s, s + chunk_size)
+        o, S = retention_parallel(q[:, sl], k[:, sl], v[:, sl], gamma, scale, S, output_final_state=True)
+        outs.append(o)
+    o = torch.cat(outs, dim=1) if outs else v.new_zeros(v.shape)
+    if output_final_state and S is None:  # T == 0 and no state given
+        S = q.new_zeros(q.shape[0], q.shape[2], K, v.shape[-1])
+    return o, (S if output_final_state else None)
