@@ -179,3 +179,38 @@ def test_shim_then_timm_imports_cleanly():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "VisionRWKV"
+
+
+@pytest.mark.parametrize("mode", ["chunkwise", "recurrent"])
+def test_vir_modes_give_the_same_logits(mode):
+    """vir_tiny at 224² (197 tokens; chunk 64 does not divide it): every retention form, run chunk by chunk
+    through all blocks with one state per block, gives the parallel logits. Layer scales are raised to 0.5 so
+    that retention moves the logits."""
+    torch.manual_seed(0)
+    model = timm.create_model("vir_tiny").eval()
+    for blk in model.blocks:
+        blk.ls1.gamma.data.fill_(0.5)
+        blk.ls2.gamma.data.fill_(0.5)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        ref = model(x)
+        assert (model(x, mode=mode) - ref).abs().max() <= 1e-4  # per call
+        by_default = timm.create_model("vir_tiny", mode=mode).eval()  # constructor default
+        by_default.load_state_dict(model.state_dict())
+        assert (by_default(x) - ref).abs().max() <= 1e-4
+
+
+@pytest.mark.skipif(not GOLDEN.exists(), reason="../shared/golden not present on this machine")
+@pytest.mark.parametrize("mode", ["parallel", "chunkwise", "recurrent"])
+def test_vir_golden_in_every_mode(mode):
+    path = GOLDEN / "vir_golden_small_rand.safetensors"
+    model = timm.create_model("test_vir", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), mode=mode,
+                              chunk_size=5).eval()
+    ref = load_file(str(path))
+    with torch.no_grad():
+        assert (model(ref["__input__"]) - ref["__logits__"]).abs().max() <= 1e-4
+
+
+def test_vir_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        timm.create_model("test_vir")(torch.randn(1, 3, 64, 64), mode="softmax")

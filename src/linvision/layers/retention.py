@@ -1,14 +1,17 @@
 """Multi-scale retention layer of ViR (Hatamizadeh et al., arXiv 2310.19731, Sec. 3.1), softmax-free and causal."""
 from __future__ import annotations
 
-from typing import Callable
+from functools import partial
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from ..ops.retention import decay_gammas, retention_parallel
+from ..ops.retention import decay_gammas, retention_chunkwise, retention_parallel, retention_recurrent
 
-__all__ = ["MultiScaleRetention"]
+__all__ = ["MultiScaleRetention", "RETENTION_MODES"]
+
+RETENTION_MODES = ("parallel", "chunkwise", "recurrent")
 
 
 class MultiScaleRetention(nn.Module):
@@ -23,27 +26,33 @@ class MultiScaleRetention(nn.Module):
         dim: channels C (``num_heads`` must divide it).
         num_heads: heads H.
         retention_norm: per-head RMSNorm on the retention output.
-        retention_fn: the retention form ``(q, k, v, gamma, scale) -> (o, state)`` with fla's
-            ``[B, T, H, K]`` layout (default :func:`linvision.ops.retention_parallel`).
+        chunk_size: chunk length of the ``'chunkwise'`` form.
 
-    Shapes: ``[B, T, C]`` in and out.
+    ``forward(x, mode='parallel', state=None, output_final_state=False)`` takes ``x: [B, T, C]`` and a state
+    ``[B, H, d, d]`` carried in from earlier tokens (or None), and returns ``(out [B, T, C], final state
+    [B, H, d, d] or None)``; every mode
+    (``'parallel'``, ``'chunkwise'``, ``'recurrent'``: :mod:`linvision.ops.retention`) gives the same result.
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, retention_norm: bool = False,
-                 retention_fn: Callable = retention_parallel):
+    def __init__(self, dim: int, num_heads: int = 8, retention_norm: bool = False, chunk_size: int = 64):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.scale = self.head_dim ** -0.5
-        self.retention_fn = retention_fn
+        self.forms = {"parallel": retention_parallel, "recurrent": retention_recurrent,
+                      "chunkwise": partial(retention_chunkwise, chunk_size=chunk_size)}
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.norm = nn.RMSNorm(self.head_dim, eps=1e-6) if retention_norm else nn.Identity()
         self.out_proj = nn.Linear(dim, dim, bias=True)
         self.register_buffer("gamma", decay_gammas(num_heads), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mode: str = "parallel", state: Optional[torch.Tensor] = None,
+                output_final_state: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if mode not in self.forms:
+            raise ValueError(f"retention mode must be one of {RETENTION_MODES}, got {mode!r}")
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)  # each [B, T, H, d]
-        o, _ = self.retention_fn(q, k, v, self.gamma, scale=self.scale)
-        return self.out_proj(self.norm(o).reshape(B, T, C))
+        o, state = self.forms[mode](q, k, v, self.gamma, scale=self.scale, initial_state=state,
+                                    output_final_state=output_final_state)
+        return self.out_proj(self.norm(o).reshape(B, T, C)), state

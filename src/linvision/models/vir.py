@@ -18,22 +18,25 @@ from .. import _compat  # noqa: F401
 from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ..layers.retention import MultiScaleRetention
-from ..ops.retention import retention_parallel
+from ..layers.retention import RETENTION_MODES, MultiScaleRetention
 from ._common import cfg, resize_pos_embed_2d, square_grid
 
 __all__ = ["VisionRetention", "ViRBlock", "checkpoint_filter_fn"]
 
 
 class ViRBlock(nn.Module):
-    """Pre-norm block: ``x + dp(ls1(retention(norm1(x))))``, then ``x + dp(ls2(mlp(norm2(x))))``. ``[B, T, C]``."""
+    """Pre-norm block: ``x + dp(ls1(retention(norm1(x))))``, then ``x + dp(ls2(mlp(norm2(x))))``.
+
+    ``forward(x [B, T, C], mode, state, output_final_state) -> (x [B, T, C], retention state or None)``; only
+    retention mixes tokens, so a sequence fed in pieces with the state carried over gives the same tokens.
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4., init_values: Optional[float] = 1e-5,
-                 drop_path: float = 0., proj_drop: float = 0., retention_norm: bool = False,
-                 retention_fn: Callable = retention_parallel, norm_layer: Callable = partial(nn.LayerNorm, eps=1e-6)):
+                 drop_path: float = 0., proj_drop: float = 0., retention_norm: bool = False, chunk_size: int = 64,
+                 norm_layer: Callable = partial(nn.LayerNorm, eps=1e-6)):
         super().__init__()
         self.norm1 = norm_layer(dim)
-        self.retention = MultiScaleRetention(dim, num_heads, retention_norm, retention_fn)
+        self.retention = MultiScaleRetention(dim, num_heads, retention_norm, chunk_size)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
@@ -41,9 +44,11 @@ class ViRBlock(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.retention(self.norm1(x))))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+    def forward(self, x: torch.Tensor, mode: str = "parallel", state: Optional[torch.Tensor] = None,
+                output_final_state: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        r, state = self.retention(self.norm1(x), mode, state, output_final_state)
+        x = x + self.drop_path1(self.ls1(r))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))), state
 
 
 class VisionRetention(nn.Module):
@@ -59,7 +64,12 @@ class VisionRetention(nn.Module):
         init_values: LayerScale init (None disables it).
         retention_norm: per-head RMSNorm of the retention output (off = the authors' variant).
         drop_rate, pos_drop_rate, proj_drop_rate, drop_path_rate: dropouts and stochastic depth.
-        retention_fn: retention form (default :func:`linvision.ops.retention_parallel`).
+        mode: default retention form, ``'parallel'`` (training), ``'chunkwise'`` or ``'recurrent'``; override per
+            call with ``model(x, mode=...)``. All three give the same logits (up to float rounding).
+            ``'chunkwise'``/``'recurrent'`` feed the token sequence through **all** blocks ``chunk_size``
+            tokens (or one token) at a time, with one retention state ``[B, H, d, d]`` per block, so token-mixing
+            memory does not grow with the number of tokens.
+        chunk_size: tokens per chunk for ``'chunkwise'``.
 
     Shapes: input ``[B, in_chans, H, W]``; ``forward_features`` → ``[B, T + 1, C]`` (class token last);
     ``forward`` → ``[B, num_classes]``.
@@ -69,9 +79,12 @@ class VisionRetention(nn.Module):
                  in_chans: int = 3, num_classes: int = 1000, global_pool: str = "token_last", embed_dim: int = 192,
                  depth: int = 12, num_heads: int = 3, mlp_ratio: float = 4., init_values: Optional[float] = 1e-5,
                  retention_norm: bool = False, drop_rate: float = 0., pos_drop_rate: float = 0.,
-                 proj_drop_rate: float = 0., drop_path_rate: float = 0.,
-                 retention_fn: Callable = retention_parallel):
+                 proj_drop_rate: float = 0., drop_path_rate: float = 0., mode: str = "parallel",
+                 chunk_size: int = 64):
         super().__init__()
+        if mode not in RETENTION_MODES:
+            raise ValueError(f"mode must be one of {RETENTION_MODES}, got {mode!r}")
+        self.mode, self.chunk_size = mode, chunk_size
         assert global_pool in ("", "avg", "token_last"), f"unknown global_pool {global_pool!r}"
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         self.num_classes, self.global_pool = num_classes, global_pool
@@ -84,9 +97,9 @@ class VisionRetention(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(1, self.patch_embed.num_patches, embed_dim) * .02)
         self.pos_drop = nn.Dropout(pos_drop_rate)
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
-        self.blocks = nn.Sequential(*[
+        self.blocks = nn.ModuleList([
             ViRBlock(embed_dim, num_heads, mlp_ratio, init_values, dpr[i], proj_drop_rate, retention_norm,
-                     retention_fn, norm_layer) for i in range(depth)])
+                     chunk_size, norm_layer) for i in range(depth)])
         self.norm = norm_layer(embed_dim)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -131,15 +144,31 @@ class VisionRetention(nn.Module):
         x = torch.cat([x, self.cls_token.expand(B, -1, -1)], dim=1)  # class token LAST
         return self.pos_drop(x)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, in_chans, H, W]`` → final-normed tokens ``[B, T + 1, C]`` (patches row-major, class token last)."""
+    def forward_features(self, x: torch.Tensor, mode: Optional[str] = None) -> torch.Tensor:
+        """``[B, in_chans, H, W]`` → final-normed tokens ``[B, T + 1, C]`` (patches row-major, class token last).
+
+        ``mode`` (default: the model's ``mode``) picks the retention form; see the class docstring."""
+        mode = mode or self.mode
+        if mode not in RETENTION_MODES:
+            raise ValueError(f"mode must be one of {RETENTION_MODES}, got {mode!r}")
         x = self._pos_embed(self.patch_embed(x))
-        for blk in self.blocks:
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
-        return self.norm(x)
+        if mode == "parallel":
+            for blk in self.blocks:
+                if self.grad_checkpointing and not torch.jit.is_scripting():
+                    x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)[0]
+                else:
+                    x = blk(x)[0]
+            return self.norm(x)
+        # chunk by chunk through all blocks, one retention state per block
+        step = 1 if mode == "recurrent" else self.chunk_size
+        states: list = [None] * len(self.blocks)
+        outs = []
+        for s in range(0, x.shape[1], step):
+            h = x[:, s:s + step]
+            for i, blk in enumerate(self.blocks):
+                h, states[i] = blk(h, mode, states[i], output_final_state=True)
+            outs.append(self.norm(h))
+        return torch.cat(outs, dim=1)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens ``[B, T + 1, C]`` → logits ``[B, num_classes]`` (pooled features if ``pre_logits``)."""
@@ -150,8 +179,9 @@ class VisionRetention(nn.Module):
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x: torch.Tensor, mode: Optional[str] = None) -> torch.Tensor:
+        """``[B, in_chans, H, W]`` → logits ``[B, num_classes]``; ``mode`` as in :meth:`forward_features`."""
+        return self.forward_head(self.forward_features(x, mode))
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionRetention) -> Dict[str, torch.Tensor]:
