@@ -1,0 +1,4 @@
+"""``python -m linvision`` — same as the ``linvision`` command."""
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,210 @@
+"""Checkpoints: ``model.safetensors`` + ``config.json`` (the model) and ``train_state.pt`` (resumable state).
+
+Every file is written atomically (temporary file in the same folder, flush + fsync, ``os.replace``, fsync of the
+folder), so a crash leaves either the previous or the new version, never a torn one. Weights are loaded only
+through safetensors or ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from . import _compat  # noqa: F401  (before timm/torchvision)
+import timm  # noqa: E402
+
+from .errors import LinvisionError  # noqa: E402
+
+__all__ = ["MODEL_FILE", "CONFIG_FILE", "STATE_FILE", "atomic_write", "save_model", "load_model", "load_config",
+           "load_state_dict", "check_state_dict", "save_train_state", "load_train_state", "get_rng_states",
+           "set_rng_states"]
+
+MODEL_FILE, CONFIG_FILE, STATE_FILE = "model.safetensors", "config.json", "train_state.pt"
+_UMASK = os.umask(0o22)
+os.umask(_UMASK)
+
+
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably (temp file + fsync + ``os.replace`` + folder fsync)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _tensors_for_save(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached contiguous CPU tensors; tensors sharing storage with an earlier one (tied weights) are cloned,
+    since safetensors refuses shared storage."""
+    seen, out = set(), {}
+    for k, v in state_dict.items():
+        v = v.detach().cpu().contiguous()
+        key = (v.untyped_storage().data_ptr(), v.storage_offset()) if v.numel() else None
+        out[k] = v.clone() if key in seen else v
+        seen.add(key)
+    return out
+
+
+def save_model(directory: str | Path, model: torch.nn.Module, config: dict[str, Any]) -> None:
+    """Write ``directory/model.safetensors`` (the model's ``state_dict``) and ``directory/config.json``.
+
+    ``config`` must be JSON-serializable and hold at least ``model`` (timm name) and ``model_args`` (keyword
+    arguments for ``timm.create_model``, e.g. ``num_classes``, ``img_size``, ``patch_size``); the trainer also
+    stores ``class_names`` and ``data_config`` (``mean``, ``std``, ``input_size``, ``crop_pct``,
+    ``interpolation``). The weights are written first, so a config always describes weights at least as new.
+    """
+    directory = Path(directory)
+    atomic_write(directory / MODEL_FILE, save(_tensors_for_save(model.state_dict()), metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG_FILE, (json.dumps(config, indent=2, sort_keys=False) + "\n").encode())
+
+
+def _checkpoint_dir(path: str | Path) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise LinvisionError(f"checkpoint does not exist: {p}")
+    return p.parent if p.is_file() else p
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read ``config.json`` of a checkpoint folder (or of the folder holding the given file).
+
+    Raises:
+        LinvisionError: missing or unreadable file, invalid JSON, or no ``model`` entry.
+    """
+    f = _checkpoint_dir(path) / CONFIG_FILE
+    try:
+        config = json.loads(f.read_text())
+    except FileNotFoundError:
+        raise LinvisionError(f"checkpoint config not found: {f}") from None
+    except (OSError, ValueError) as e:
+        raise LinvisionError(f"cannot read checkpoint config {f}: {e}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), str):
+        raise LinvisionError(f"checkpoint config {f} has no 'model' name")
+    return config
+
+
+def load_state_dict(file: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file (on CPU).
+
+    Raises:
+        LinvisionError: file missing or not a valid safetensors file.
+    """
+    try:
+        return load_file(str(file), device="cpu")
+    except FileNotFoundError:
+        raise LinvisionError(f"model weights not found: {file}") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LinvisionError(f"{file} is not a valid safetensors file ({e})") from None
+
+
+def _describe(keys: list[str], n: int = 4) -> str:
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} total)" if len(keys) > n else "")
+
+
+def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Raise a one-line :class:`LinvisionError` naming ``source`` and the missing / unexpected / mis-shaped keys
+    if ``state_dict`` does not fit ``model`` exactly."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items()
+              if k in state_dict and state_dict[k].shape != v.shape]
+    problems = [f"{label}: {_describe(keys)}" for label, keys in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", shapes)) if keys]
+    if problems:
+        name = type(model).__name__
+        raise LinvisionError(f"checkpoint {source} does not match model {name}: " + "; ".join(problems))
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild a model from a checkpoint folder (or its ``model.safetensors`` / ``config.json``).
+
+    Creates ``timm.create_model(config["model"], **config["model_args"])`` (``pretrained=False``, nothing is
+    downloaded), loads the weights strictly and returns ``(model.eval(), config)``.
+
+    Raises:
+        LinvisionError: missing files, invalid safetensors, unknown model name, or weights that do not match the
+        model (the message names the file and the offending keys).
+    """
+    p = Path(path).expanduser()
+    directory = _checkpoint_dir(p)
+    config = load_config(directory)
+    if not timm.is_model(config["model"]):
+        raise LinvisionError(f"checkpoint {directory / CONFIG_FILE} names unknown model {config['model']!r}")
+    weights = p if p.is_file() and p.suffix == ".safetensors" else directory / MODEL_FILE
+    state_dict = load_state_dict(weights)
+    try:
+        model = timm.create_model(config["model"], pretrained=False, **config.get("model_args", {}))
+    except (TypeError, ValueError, AssertionError) as e:
+        raise LinvisionError(f"cannot build {config['model']} from {directory / CONFIG_FILE}: {e}") from None
+    check_state_dict(model, state_dict, weights)
+    model.load_state_dict(state_dict, strict=True)
+    return model.to(device).eval(), config
+
+
+# --------------------------------------------------------------------------------------------------- train state
+def get_rng_states() -> dict[str, Any]:
+    """Python, numpy and torch RNG states as tensors / primitives (safe for ``torch.load(weights_only=True)``)."""
+    _, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "python": {"state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                      "cached": float(cached)}}
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore RNG states captured by :func:`get_rng_states`."""
+    torch.set_rng_state(states["torch"])
+    random.setstate((3, tuple(states["python"]["state"].tolist()), states["python"]["gauss"]))
+    n = states["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+
+
+def save_train_state(directory: str | Path, state: dict[str, Any]) -> None:
+    """Write ``directory/train_state.pt`` atomically with ``torch.save``.
+
+    ``state`` must contain only tensors, numbers, strings, ``None`` and lists/tuples/dicts of them (what
+    ``torch.load(weights_only=True)`` accepts): optimizer/scheduler/EMA state dicts, epoch, step, RNG states
+    (:func:`get_rng_states`), best metric, the run's arguments as a dict, metrics history.
+    """
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write(Path(directory) / STATE_FILE, buf.getvalue())
+
+
+def load_train_state(directory: str | Path) -> dict[str, Any]:
+    """Load ``train_state.pt`` from a run folder with ``torch.load(weights_only=True)`` onto the CPU.
+
+    Raises:
+        LinvisionError: the file is missing or unreadable.
+    """
+    f = _checkpoint_dir(directory) / STATE_FILE
+    if not f.is_file():
+        raise LinvisionError(f"cannot resume: no {STATE_FILE} in {f.parent}")
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle/zip errors come in many types
+        raise LinvisionError(f"cannot read training state {f}: {e}") from None
