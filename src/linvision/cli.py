@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, help=f"peak learning rate [{d['lr']}]")
     t.add_argument("--min-lr", type=float, help=f"final cosine learning rate [{d['min_lr']}]")
     t.add_argument("--warmup-lr", type=float, help=f"learning rate at step 0 [{d['warmup_lr']}]")
-    t.add_argument("--warmup-epochs", type=int, help=f"linear warmup epochs [{d['warmup_epochs']}]")
+    t.add_argument("--warmup-epochs", type=float, help=f"linear warmup epochs (may be fractional) [{d['warmup_epochs']}]")
     t.add_argument("--weight-decay", type=float, help=f"[{d['weight_decay']}]")
     t.add_argument("--opt", help=f"timm optimizer name [{d['opt']}]")
     t.add_argument("--mixup", action=argparse.BooleanOptionalAction,
