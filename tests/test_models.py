@@ -214,3 +214,16 @@ def test_vir_golden_in_every_mode(mode):
 def test_vir_rejects_unknown_mode():
     with pytest.raises(ValueError, match="mode must be one of"):
         timm.create_model("test_vir")(torch.randn(1, 3, 64, 64), mode="softmax")
+
+
+def test_vir_retention_norm_keeps_modes_equivalent():
+    """The optional per-head RMSNorm of the retention output is per token: every form still agrees."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_vir", retention_norm=True, init_values=0.5).eval()
+    assert isinstance(model.blocks[0].retention.norm, torch.nn.RMSNorm)
+    assert isinstance(timm.create_model("test_vir").blocks[0].retention.norm, torch.nn.Identity)  # authors' variant
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        for mode in ("chunkwise", "recurrent"):
+            assert (model(x, mode=mode) - ref).abs().max() <= 1e-5
