@@ -130,6 +130,19 @@ def test_golden_logits(golden, model_name):
     assert (model.forward_head(feats, pre_logits=True) - ref["__features__"]).abs().max() <= 1e-4
 
 
+@pytest.mark.skipif(not GOLDEN.exists(), reason="../shared/golden not present on this machine")
+@pytest.mark.parametrize("golden,model_name", [g for g in GOLDENS if g[0].startswith("vrwkv")])
+def test_golden_logits_official_kernel_variant(golden, model_name):
+    """wkv_variant='official_kernel' reproduces the logits of the authors' CUDA arithmetic (__logits_cudaport__),
+    including the _rand files' T = 35 > 32 (two tokens per kernel chunk)."""
+    path = GOLDEN / f"{golden}.safetensors"
+    model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                              wkv_variant="official_kernel", **_json_args(golden)).eval()
+    ref = load_file(str(path))
+    with torch.no_grad():
+        assert (model(ref["__input__"]) - ref["__logits_cudaport__"]).abs().max() <= 1e-4
+
+
 def _to_official_vrwkv(sd: dict) -> dict:
     """Inverse of vrwkv.checkpoint_filter_fn, written independently: linvision keys -> mmcls keys."""
     out = {}

@@ -8,8 +8,8 @@ import torch
 
 import linvision  # noqa: F401
 from linvision.layers.rwkv import q_shift
-from linvision.ops import (bi_wkv, bi_wkv_ref, retention_chunkwise, retention_parallel, retention_recurrent,
-                           retention_ref)
+from linvision.ops import (bi_wkv, bi_wkv_official_kernel_ref, bi_wkv_ref, retention_chunkwise, retention_parallel,
+                           retention_recurrent, retention_ref)
 
 
 def rel_rms(a: torch.Tensor, b: torch.Tensor, floor: float = 1.0) -> float:
@@ -83,6 +83,23 @@ def test_bi_wkv_shape_errors():
         bi_wkv(w, u, k, v[:, :3])
     with pytest.raises(ValueError, match="w and u"):
         bi_wkv(w[:4], u, k, v)
+
+
+@pytest.mark.parametrize("T", [1, 5, 32])
+def test_official_kernel_is_eq5_with_u_plus_w_up_to_32_tokens(T):
+    """With one token per kernel chunk (T <= 32) the kernel's arithmetic is Eq. 5 with u -> u + w (and EPS)."""
+    w, u, k, v = (t.detach().double() for t in _wkv_inputs(2, T, 7))
+    out = bi_wkv(w, u, k, v, variant="official_kernel")
+    assert rel_rms(out, bi_wkv_ref(w, u + w, k, v)) < 1e-5
+    assert rel_rms(out, bi_wkv_official_kernel_ref(w, u, k, v, eps=0.0)) < 1e-5  # EPS: a 1e-6-level effect
+
+
+def test_official_kernel_differs_from_eq5_beyond_32_tokens_and_is_differentiable():
+    w, u, k, v = (t.detach().double().requires_grad_() for t in _wkv_inputs(1, 70, 3))
+    assert rel_rms(bi_wkv_official_kernel_ref(w, u, k, v), bi_wkv_ref(w, u + w, k, v)) > 1e-4
+    assert torch.autograd.gradcheck(lambda *a: bi_wkv_official_kernel_ref(*a), (w, u, k, v))
+    with pytest.raises(ValueError, match="variant"):
+        bi_wkv(w, u, k, v, variant="cuda")
 
 
 def test_q_shift_against_definition():

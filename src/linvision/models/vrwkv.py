@@ -11,9 +11,10 @@ Official checkpoints (``backbone.layers.N.att.*``, ``head.fc.*``) load through :
 
     timm.create_model("vrwkv_tiny", pretrained=True, pretrained_cfg_overlay=dict(file="vrwkv_t_in1k_224.pth"))
 
-Note on Bi-WKV: the models use paper Eq. 5 (:func:`linvision.ops.bi_wkv`); the official CUDA kernel's
-arithmetic differs slightly from Eq. 5 (see the Bi-WKV op issue), so logits of published weights differ from
-the authors' by that amount.
+Note on Bi-WKV: the models use paper Eq. 5 (:func:`linvision.ops.bi_wkv`) by default. The official CUDA kernel's
+arithmetic differs from Eq. 5 (``|t-i|`` instead of ``|t-i|-1`` across its 32 token chunks, leftover terms inside
+a chunk, EPS); the released checkpoints were trained with it, so load them with ``wkv_variant="official_kernel"``
+to reproduce the authors' logits exactly (on the golden files Eq. 5 differs by up to 6e-3 in the logits).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from timm.layers import DropPath, LayerScale, PatchEmbed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ..layers.rwkv import ChannelMix, SpatialMix
-from ..ops.biwkv import bi_wkv
+from ..ops.biwkv import BI_WKV_VARIANTS, bi_wkv
 from ._common import cfg, resize_pos_embed_2d, square_grid
 
 __all__ = ["VisionRWKV", "VRWKVBlock", "checkpoint_filter_fn"]
@@ -81,7 +82,10 @@ class VisionRWKV(nn.Module):
         drop_rate, drop_path_rate: head dropout, stochastic depth (linear over blocks).
         post_norm, key_norm, init_values: official block options (see :class:`VRWKVBlock`).
         shift_pixel: Q-Shift distance.
-        wkv_fn: Bi-WKV implementation ``(w, u, k, v) -> [B, T, C]`` (default :func:`linvision.ops.bi_wkv`).
+        wkv_variant: ``'eq5'`` (default: paper Eq. 5) or ``'official_kernel'`` (the arithmetic of the authors'
+            CUDA kernel, which the released checkpoints were trained with; reproduces their logits exactly — use
+            it to evaluate or fine-tune published weights; see :func:`linvision.ops.bi_wkv_official_kernel_ref`).
+        wkv_fn: a custom Bi-WKV implementation ``(w, u, k, v) -> [B, T, C]``; overrides ``wkv_variant``.
 
     Shapes: input ``[B, in_chans, H, W]`` float; ``forward`` → ``[B, num_classes]``.
     """
@@ -91,8 +95,11 @@ class VisionRWKV(nn.Module):
                  depth: int = 12, hidden_rate: int = 4, head_hidden_size: Optional[int] = None,
                  drop_rate: float = 0., drop_path_rate: float = 0., post_norm: bool = False,
                  key_norm: bool = False, init_values: Optional[float] = None, shift_pixel: int = 1,
-                 wkv_fn: Callable = bi_wkv):
+                 wkv_variant: str = "eq5", wkv_fn: Optional[Callable] = None):
         super().__init__()
+        if wkv_variant not in BI_WKV_VARIANTS:
+            raise ValueError(f"wkv_variant must be one of {BI_WKV_VARIANTS}, got {wkv_variant!r}")
+        wkv_fn = wkv_fn or partial(bi_wkv, variant=wkv_variant)
         assert global_pool in ("", "avg"), f"global_pool must be 'avg' or '', got {global_pool!r}"
         self.num_classes, self.global_pool = num_classes, global_pool
         self.num_features = self.embed_dim = embed_dim

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["bi_wkv_ref", "bi_wkv"]
+__all__ = ["bi_wkv_ref", "bi_wkv", "bi_wkv_official_kernel_ref", "BI_WKV_VARIANTS"]
+
+BI_WKV_VARIANTS = ("eq5", "official_kernel")
 
 
 def _check(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -63,8 +65,11 @@ def bi_wkv_ref(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return ((p * v[:, None, :, :]).sum(2) / p.sum(2)).to(out_dtype)
 
 
-def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str = "eq5") -> torch.Tensor:
     """Bi-WKV (paper Eq. 5) as two batched Toeplitz matmuls; same contract as :func:`bi_wkv_ref`.
+
+    ``variant="official_kernel"`` computes instead what the authors' CUDA kernel computes (the arithmetic the
+    released checkpoints were trained with), via :func:`bi_wkv_official_kernel_ref`.
 
     Stability: the ratio is unchanged when the terms of one output token are scaled by a common factor, so
     keys use ``exp(k_i - max_i k)`` (per batch, channel) and the decay weights use
@@ -77,6 +82,10 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     Returns:
         ``[B, T, C]`` in the dtype of ``v``.
     """
+    if variant == "official_kernel":
+        return bi_wkv_official_kernel_ref(w, u, k, v)
+    if variant != "eq5":
+        raise ValueError(f"bi_wkv: variant must be one of {BI_WKV_VARIANTS}, got {variant!r}")
     _check(w, u, k, v)
     out_dtype = v.dtype
     cd = torch.promote_types(v.dtype, torch.float32)
@@ -93,3 +102,58 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     num = torch.bmm(decay, ek * v) + bonus * v  # [C, T, T] @ [C, T, B] -> [C, T, B]
     den = torch.bmm(decay, ek) + bonus
     return (num / den).permute(2, 1, 0).to(out_dtype)
+
+
+def bi_wkv_official_kernel_ref(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               token_split: int = 32, eps: float = 1e-6) -> torch.Tensor:
+    """What the official Vision-RWKV CUDA kernel (``cuda/wkv_cuda.cu``, ``cuda_new/bi_wkv_kernel.cu``) computes,
+    written as an explicit weight matrix in float64 (O(T^2); differentiable; for loading published weights).
+
+    The kernel splits T into ``token_split`` = 32 chunks of ``L = ceil(T / 32)`` tokens. For output token t in the
+    chunk starting at s, token n gets weight ``W[t, n] * exp(k_n)`` with::
+
+        n == t:            exp(u)                      (+ (1 - exp(w)) if t > s: the chunk's leftover term)
+        n > t:             exp(-(n - t) w)             (|t-n|, not |t-n| - 1 as in Eq. 5)
+        n < s:             exp(-(t - n) w)
+        s <= n < t:        exp(-(t - n - 1) w)  (+ exp((t - n) w) (1 - exp(w)) if n > s: leftover term)
+
+    and ``wkv_t = Σ W e^k v / (Σ W e^k + eps e^{m_t})``, where ``m_t`` is the kernel's running max exponent
+    (reproduced here) so the ``EPS = 1e-6`` it adds to the max-subtracted denominator has the same effect. For
+    T <= 32 (one token per chunk) this is Eq. 5 with ``u -> u + w`` plus EPS.
+
+    Args and returns as :func:`bi_wkv_ref` (``[B, T, C]`` in v's dtype).
+    """
+    _check(w, u, k, v)
+    out_dtype = v.dtype
+    w, u, k, v = (t.double() for t in (w, u, k, v))
+    B, T, C = k.shape
+    L = -(-T // token_split)  # tokens per chunk
+    t_idx = torch.arange(T, device=k.device)
+    s_idx = (t_idx // L) * L  # first token of each token's chunk
+    tt, nn = t_idx[:, None], t_idx[None, :]
+    ss = s_idx[:, None]
+    d = (tt - nn).double()[..., None]  # [T, T, 1], t - n
+    ew = torch.exp(w)
+    W = torch.where((nn > tt)[..., None], torch.exp(d * w), torch.zeros((), dtype=torch.float64, device=k.device))
+    W = W + torch.where((nn < ss)[..., None], torch.exp(-d * w), torch.zeros_like(W))
+    W = W + torch.where(((nn >= ss) & (nn < tt))[..., None], torch.exp(-(d - 1) * w), torch.zeros_like(W))
+    W = W + torch.where(((nn > ss) & (nn <= tt))[..., None], torch.exp(d * w) * (1 - ew), torch.zeros_like(W))
+    W = W + torch.where((nn == tt)[..., None], torch.exp(u).expand(T, T, C), torch.zeros_like(W))  # [T, T, C]
+    # the kernel's max exponents: o1 (later tokens + leftovers), o2 (earlier tokens), and u + k_t
+    big_neg = torch.full((B, C), -1e38, dtype=torch.float64, device=k.device)
+    m = torch.empty(B, T, C, dtype=torch.float64, device=k.device)
+    for s in range(0, T, L):
+        n = torch.arange(T, device=k.device)
+        later = n >= s
+        o1 = (k[:, later] - w * (n[later] - s).double()[:, None]).amax(1)  # [B, C]
+        earlier = n < s
+        o2 = (k[:, earlier] - w * (s - n[earlier]).double()[:, None]).amax(1) if s > 0 else big_neg
+        for t in range(s, min(s + L, T)):
+            m[:, t] = torch.maximum(torch.maximum(o1, u + k[:, t]), o2)
+            o2 = torch.maximum(o2 - w, k[:, t])
+            if t + 1 < T:
+                o1 = torch.maximum(o1 + w, k[:, t + 1] + w)
+    ek = torch.exp(k[:, None, :, :] - m[:, :, None, :])  # [B, t, n, C], scaled by the kernel's max
+    num = (W * ek * v[:, None]).sum(2)
+    den = (W * ek).sum(2) + eps
+    return (num / den).to(out_dtype)
