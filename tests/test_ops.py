@@ -29,10 +29,12 @@ def _wkv_inputs(B, T, C, dtype=torch.float32, scale=1.0, seed=0):
     return [t.to(dtype).requires_grad_() for t in (w, u, k, v)]
 
 
-@pytest.mark.parametrize("T", [1, 2, 3, 64, 197])
-def test_bi_wkv_matches_reference(T):
-    w, u, k, v = _wkv_inputs(2, T, 13)
-    out, ref = bi_wkv(w, u, k, v), bi_wkv_ref(w, u, k, v)
+@pytest.mark.parametrize("T,B,C,chunk", [(1, 2, 13, 64), (2, 2, 13, 64), (3, 2, 13, 2), (64, 2, 13, 64),
+                                         (197, 2, 13, 64), (197, 1, 5, 7), (1000, 1, 5, 64), (4096, 1, 3, 256)])
+def test_bi_wkv_matches_reference(T, B, C, chunk):
+    """Outputs and gradients of w, u, k, v; chunk sizes that do and do not divide T, odd C."""
+    w, u, k, v = _wkv_inputs(B, T, C)
+    out, ref = bi_wkv(w, u, k, v, chunk_size=chunk), bi_wkv_ref(w, u, k, v)
     assert rel_rms(out, ref) < 1e-5
     gy = torch.randn_like(out)
     g_fast = torch.autograd.grad(out, (w, u, k, v), gy)
@@ -54,8 +56,9 @@ def test_bi_wkv_definition_by_loops():
             assert abs(out[0, t, c] - num / den) < 1e-12
 
 
-def test_bi_wkv_extreme_inputs_finite():
-    T, C = 50, 8
+@pytest.mark.parametrize("T", [50, 700])
+def test_bi_wkv_extreme_inputs_finite(T):
+    C = 8
     w = torch.linspace(-10, 10, C) / T
     u = torch.tensor([20.0, -20.0] * (C // 2)) / T
     k = torch.randn(2, T, C).sign() * 80
@@ -64,9 +67,30 @@ def test_bi_wkv_extreme_inputs_finite():
     assert torch.isfinite(out).all() and rel_rms(out, ref) < 1e-5
 
 
+def test_bi_wkv_memory_grows_linearly_in_T():
+    """Complexity, not timing: bytes autograd saves for the backward of bi_wkv grow ~linearly with T (×4 T gives
+    ≤ ×5 memory; the O(T²) reference gives ×16)."""
+    def saved_bytes(fn, T):
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+        w, u, k, v = _wkv_inputs(2, T, 16)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(w, u, k, v).sum().backward()
+        return total
+    fast = saved_bytes(bi_wkv, 4096) / saved_bytes(bi_wkv, 1024)
+    ref = saved_bytes(bi_wkv_ref, 512) / saved_bytes(bi_wkv_ref, 128)
+    assert 3.0 <= fast <= 5.0, fast
+    assert ref > 12, ref
+
+
 def test_bi_wkv_gradcheck_float64():
     w, u, k, v = (t.detach().double().requires_grad_() for t in _wkv_inputs(1, 5, 3))
     assert torch.autograd.gradcheck(bi_wkv, (w, u, k, v))
+    assert torch.autograd.gradcheck(lambda *a: bi_wkv(*a, chunk_size=2), (w, u, k, v))
     assert torch.autograd.gradcheck(bi_wkv_ref, (w, u, k, v))
 
 

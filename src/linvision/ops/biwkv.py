@@ -22,6 +22,7 @@ Two forms share one signature ``(w, u, k, v) -> [B, T, C]``:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["bi_wkv_ref", "bi_wkv", "bi_wkv_official_kernel_ref", "BI_WKV_VARIANTS"]
 
@@ -65,22 +66,61 @@ def bi_wkv_ref(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return ((p * v[:, None, :, :]).sum(2) / p.sum(2)).to(out_dtype)
 
 
-def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str = "eq5") -> torch.Tensor:
-    """Bi-WKV (paper Eq. 5) as two batched Toeplitz matmuls; same contract as :func:`bi_wkv_ref`.
+def _decayed_prefix(x: torch.Tensor, w: torch.Tensor, m: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``P[c, t] = Σ_{i<t} exp(-(t-i-1) w_c - m_c) x[c, i]`` for ``x: [C, T, N]``, in chunks of ``chunk`` tokens.
+
+    Inside a chunk: one ``[L, L]`` lower-triangular decay matrix per channel (a batched matmul). Across chunks:
+    the state at chunk start ``S_j = Σ_{i<s_j} exp(-(s_j-i-1) w) x_i`` by the recurrence
+    ``S_{j+1} = exp(-L w) S_j + Z_j`` with ``Z_j = Σ_{l<L} exp(-(L-1-l) w) x_{j,l}``; token ``s_j + l`` then adds
+    ``exp(-l w - m) S_j``. O(T·L) work, O(T) memory (nothing T×T).
+    """
+    C, T, N = x.shape
+    L = max(1, min(chunk, T))
+    nc = -(-T // L)
+    x = F.pad(x, (0, 0, 0, nc * L - T)).view(C, nc, L, N)
+    pos = torch.arange(L, device=x.device, dtype=x.dtype)
+    d = pos[:, None] - pos[None, :]  # t - i within a chunk
+    intra = torch.exp((-(d - 1) * w[:, None, None] - m[:, None, None]).masked_fill(d < 1, float("-inf")))
+    out = torch.matmul(intra[:, None], x)  # [C, 1, L, L] @ [C, nc, L, N] -> [C, nc, L, N]
+    if nc > 1:
+        z = torch.einsum("cl,cjln->cjn", torch.exp(-(L - 1 - pos) * w[:, None]), x)  # [C, nc, N]
+        step, state, states = torch.exp(-L * w)[:, None], torch.zeros_like(z[:, 0]), []
+        for j in range(nc):
+            states.append(state)
+            state = step * state + z[:, j]
+        S = torch.stack(states, dim=1)  # [C, nc, N]: state at each chunk start
+        out = out + torch.exp(-pos * w[:, None] - m[:, None])[:, None, :, None] * S[:, :, None, :]
+    return out.reshape(C, nc * L, N)[:, :T]
+
+
+def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str = "eq5",
+           chunk_size: int = 64) -> torch.Tensor:
+    """Bi-WKV (paper Eq. 5) in O(T) memory and O(T · chunk_size) time; same contract as :func:`bi_wkv_ref`.
+
+    Eq. 5 splits into the token itself, a decayed prefix ``P_t = Σ_{i<t} e^{-(t-i-1)w} e^{k_i} v_i`` and the same
+    suffix ``N_t`` (a prefix of the reversed sequence): ``wkv_t = (P_t + N_t + e^{u+k_t} v_t) / (P'_t + N'_t +
+    e^{u+k_t})`` with primes for ``v = 1``. Each prefix is computed in chunks (:func:`_decayed_prefix`):
+    matmuls inside a chunk, a recurrence over chunk states across chunks. Nothing T×T is formed, in the
+    forward or (through autograd) the backward.
+
+    Stability: the ratio is unchanged when all terms of one output token are scaled by a common factor, so keys
+    use ``exp(k_i - max_i k)`` (per batch, channel) and decay weights ``exp(-(|t-i|-1) w_c - m_c)`` with ``m_c``
+    the largest decay exponent of channel c (``0`` for ``w_c >= 0``, ``(T-2)|w_c|`` for ``w_c < 0``); the bonus
+    term is scaled by the same ``exp(-m_c)``. Finite for any k when ``|w_c| T`` stays below ~80 (fp32 range;
+    the model passes ``w = spatial_decay / T``, so this is ``|spatial_decay| < 80``).
 
     ``variant="official_kernel"`` computes instead what the authors' CUDA kernel computes (the arithmetic the
     released checkpoints were trained with), via :func:`bi_wkv_official_kernel_ref`.
 
-    Stability: the ratio is unchanged when the terms of one output token are scaled by a common factor, so
-    keys use ``exp(k_i - max_i k)`` (per batch, channel) and the decay weights use
-    ``exp(-(|t-i|-1) w_c - m_c)`` with ``m_c`` the largest decay exponent of channel c (``0`` for ``w_c >= 0``,
-    ``(T-2)|w_c|`` for ``w_c < 0``); the bonus term is scaled by the same ``exp(-m_c)``.
-
     Args:
         w, u: ``[C]``; k, v: ``[B, T, C]``. bf16/fp16 inputs are computed in fp32.
+        chunk_size: tokens per chunk (T <= chunk_size: one ``[T, T]`` matmul per channel).
 
     Returns:
         ``[B, T, C]`` in the dtype of ``v``.
+
+    Raises:
+        ValueError: mismatched shapes or an unknown ``variant``.
     """
     if variant == "official_kernel":
         return bi_wkv_official_kernel_ref(w, u, k, v)
@@ -90,18 +130,15 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
     out_dtype = v.dtype
     cd = torch.promote_types(v.dtype, torch.float32)
     w, u, k, v = (t.to(cd) for t in (w, u, k, v))
-    T = k.shape[1]
-    idx = torch.arange(T, device=k.device)
-    dist = (idx[:, None] - idx[None, :]).abs().to(cd)  # [T, T]
-    expo = -(dist - 1)[None] * w[:, None, None]  # [C, T, T]
-    m = (-w).clamp(min=0) * max(T - 2, 0)  # [C] max off-diagonal exponent
-    decay = torch.exp(expo - m[:, None, None]).masked_fill(dist[None] == 0, 0.0)  # [C, T, T]
-    k, v = k.permute(2, 1, 0).contiguous(), v.permute(2, 1, 0).contiguous()  # [C, T, B]: bmm over channels
-    ek = torch.exp(k - k.amax(dim=1, keepdim=True))  # [C, T, B]
+    B, T, C = k.shape
+    m = (-w).clamp(min=0) * max(T - 2, 0)  # [C] max off-diagonal decay exponent
+    k, v = k.permute(2, 1, 0), v.permute(2, 1, 0)  # [C, T, B]: matmuls batched over channels
+    ek = torch.exp(k - k.amax(dim=1, keepdim=True))
+    x = torch.cat([ek * v, ek], dim=2)  # [C, T, 2B]: numerator and denominator terms together
+    side = _decayed_prefix(x, w, m, chunk_size) + _decayed_prefix(x.flip(1), w, m, chunk_size).flip(1)
     bonus = torch.exp(u - m)[:, None, None] * ek  # [C, T, B]
-    num = torch.bmm(decay, ek * v) + bonus * v  # [C, T, T] @ [C, T, B] -> [C, T, B]
-    den = torch.bmm(decay, ek) + bonus
-    return (num / den).permute(2, 1, 0).to(out_dtype)
+    out = (side[..., :B] + bonus * v) / (side[..., B:] + bonus)
+    return out.permute(2, 1, 0).to(out_dtype)
 
 
 def bi_wkv_official_kernel_ref(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
