@@ -9,15 +9,15 @@ key ``k_i`` and value ``v_i`` (i = 0..T-1)::
 The model passes ``w = spatial_decay / T`` and ``u = spatial_first / T`` (the official code divides both by the
 token count T). ``w`` may be negative (weight then grows with distance).
 
-Two forms share one signature ``(w, u, k, v) -> [B, T, C]``:
+Three forms share one signature ``(w, u, k, v) -> [B, T, C]``:
 
 * :func:`bi_wkv_ref` — Eq. 5 written plainly: the full ``[B, T, T, C]`` logit tensor in float64, max-subtracted
   per output token. O(T^2 C B) time and memory. The reference every other form is tested against.
-* :func:`bi_wkv` — the form the models use. For now the *Toeplitz matmul* form: the distance weights
-  ``D[c, t, i] = exp(-(|t-i|-1) w_c)`` do not depend on the batch, so numerator and denominator are one batched
-  ``[C, T, T] x [C, T, B]`` matmul each, with ``exp(k - max_i k)`` and a per-channel shift of the decay exponent
-  for stability. O(T^2 C) memory (not O(T^2 C B)), fp32 inside for low-precision inputs. The O(T) scan is
-  tracked in its own issue.
+* :func:`bi_wkv` — the form the models use: decayed prefix and suffix sums computed in chunks (batched matmuls
+  inside a chunk, a state recurrence across chunks), ``exp(k - max_i k)`` and a per-channel shift of the decay
+  exponent for stability, fp32 inside for low-precision inputs. O(T) memory, O(T · chunk) time.
+* :func:`bi_wkv_official_kernel_ref` (``bi_wkv(..., variant="official_kernel")``) — the arithmetic of the
+  authors' CUDA kernel, which differs from Eq. 5 and which the released checkpoints were trained with.
 """
 from __future__ import annotations
 
