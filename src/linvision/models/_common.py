@@ -1,13 +1,15 @@
 """Pieces shared by the linvision model families."""
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import torch
+import torch.nn as nn
 
 from .. import _compat  # noqa: F401
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import resample_abs_pos_embed
+from timm.layers import resample_abs_pos_embed, trunc_normal_
+from timm.models import build_model_with_cfg
 
 
 def cfg(url: str = "", **kwargs: Any) -> Dict[str, Any]:
@@ -37,3 +39,20 @@ def square_grid(num_patches: int) -> Tuple[int, int]:
         raise ValueError(f"checkpoint pos_embed has {num_patches} patches, not a square grid: cannot infer its "
                          "original grid; build the model with the checkpoint's img_size")
     return n, n
+
+
+def build(model_cls: type, filter_fn: Callable, variant: str, pretrained: bool, defaults: Dict[str, Any],
+          kwargs: Dict[str, Any]) -> nn.Module:
+    """timm ``build_model_with_cfg`` for a registered variant: ``defaults`` overridden by the caller's ``kwargs``;
+    pretrained files are mapped through the family's ``checkpoint_filter_fn``."""
+    return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=filter_fn,
+                                feature_cfg=dict(out_indices=3, feature_cls="getter"), **{**defaults, **kwargs})
+
+
+def init_linear_trunc_normal(m: nn.Module) -> None:
+    """The official inits of both families: trunc-normal(std 0.02) Linear weights, zero biases (use with
+    ``model.apply``)."""
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)

@@ -15,11 +15,11 @@ import torch
 import torch.nn as nn
 
 from .. import _compat  # noqa: F401
-from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed
+from timm.models import generate_default_cfgs, register_model
 
 from ..layers.retention import RETENTION_MODES, MultiScaleRetention
-from ._common import cfg, resize_pos_embed_2d, square_grid
+from ._common import build, cfg, init_linear_trunc_normal, resize_pos_embed_2d, square_grid
 
 __all__ = ["VisionRetention", "ViRBlock", "checkpoint_filter_fn"]
 
@@ -105,14 +105,7 @@ class VisionRetention(nn.Module):
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         # authors' init (timm ViT 'init_weights_vit_timm'): trunc-normal 0.02 Linear, zero bias; cls N(0, 1e-6)
         nn.init.normal_(self.cls_token, std=1e-6)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.apply(init_linear_trunc_normal)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -148,9 +141,7 @@ class VisionRetention(nn.Module):
         """``[B, in_chans, H, W]`` → final-normed tokens ``[B, T + 1, C]`` (patches row-major, class token last).
 
         ``mode`` (default: the model's ``mode``) picks the retention form; see the class docstring."""
-        mode = mode or self.mode
-        if mode not in RETENTION_MODES:
-            raise ValueError(f"mode must be one of {RETENTION_MODES}, got {mode!r}")
+        mode = mode or self.mode  # an unknown mode is rejected by the retention layer
         x = self._pos_embed(self.patch_embed(x))
         if mode == "parallel":
             for blk in self.blocks:
@@ -202,11 +193,6 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionReten
     return out
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs) -> VisionRetention:
-    return build_model_with_cfg(VisionRetention, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(out_indices=3, feature_cls="getter"), **kwargs)
-
-
 _cfg = partial(cfg, first_conv="patch_embed.proj", paper_ids="arXiv:2310.19731", license="other")
 default_cfgs = generate_default_cfgs({
     "vir_tiny": _cfg(),
@@ -217,7 +203,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _model(name: str, pretrained: bool, defaults: Dict[str, Any], kwargs: Dict[str, Any]) -> VisionRetention:
-    return _create(name, pretrained, **{**defaults, **kwargs})
+    return build(VisionRetention, checkpoint_filter_fn, name, pretrained, defaults, kwargs)
 
 
 @register_model

@@ -26,12 +26,12 @@ import torch
 import torch.nn as nn
 
 from .. import _compat  # noqa: F401
-from timm.layers import DropPath, LayerScale, PatchEmbed, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import DropPath, LayerScale, PatchEmbed
+from timm.models import generate_default_cfgs, register_model
 
 from ..layers.rwkv import ChannelMix, SpatialMix
 from ..ops.biwkv import BI_WKV_VARIANTS, bi_wkv
-from ._common import cfg, resize_pos_embed_2d, square_grid
+from ._common import build, cfg, init_linear_trunc_normal, resize_pos_embed_2d, square_grid
 
 __all__ = ["VisionRWKV", "VRWKVBlock", "checkpoint_filter_fn"]
 
@@ -119,16 +119,9 @@ class VisionRWKV(nn.Module):
             if head_hidden_size else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        # official init_cfg: TruncNormal(std=0.02, bias=0) on every Linear, Constant(1, 0) on LayerNorm;
-        # the conv keeps PyTorch's default init, pos_embed zeros, mixers their "fancy" init.
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        # official init_cfg: TruncNormal(std=0.02, bias=0) on every Linear; LayerNorms (1, 0), the conv its PyTorch
+        # default, pos_embed zeros and the mixers their "fancy" init are already so at construction
+        self.apply(init_linear_trunc_normal)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -222,11 +215,6 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionRWKV)
     return out
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs) -> VisionRWKV:
-    return build_model_with_cfg(VisionRWKV, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(out_indices=3, feature_cls="getter"), **kwargs)
-
-
 _cfg = partial(cfg, first_conv="patch_embed.proj", paper_ids="arXiv:2403.02308",
                license="apache-2.0")
 default_cfgs = {
@@ -241,7 +229,7 @@ default_cfgs = generate_default_cfgs(default_cfgs)
 
 
 def _model(name: str, pretrained: bool, defaults: Dict[str, Any], kwargs: Dict[str, Any]) -> VisionRWKV:
-    return _create(name, pretrained, **{**defaults, **kwargs})
+    return build(VisionRWKV, checkpoint_filter_fn, name, pretrained, defaults, kwargs)
 
 
 @register_model

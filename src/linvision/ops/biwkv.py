@@ -179,12 +179,10 @@ def bi_wkv_official_kernel_ref(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor
     # the kernel's max exponents: o1 (later tokens + leftovers), o2 (earlier tokens), and u + k_t
     big_neg = torch.full((B, C), -1e38, dtype=torch.float64, device=k.device)
     m = torch.empty(B, T, C, dtype=torch.float64, device=k.device)
+    n = t_idx.double()[:, None]  # [T, 1]
     for s in range(0, T, L):
-        n = torch.arange(T, device=k.device)
-        later = n >= s
-        o1 = (k[:, later] - w * (n[later] - s).double()[:, None]).amax(1)  # [B, C]
-        earlier = n < s
-        o2 = (k[:, earlier] - w * (s - n[earlier]).double()[:, None]).amax(1) if s > 0 else big_neg
+        o1 = (k[:, s:] - w * (n[s:] - s)).amax(1)  # [B, C]
+        o2 = (k[:, :s] - w * (s - n[:s])).amax(1) if s > 0 else big_neg
         for t in range(s, min(s + L, T)):
             m[:, t] = torch.maximum(torch.maximum(o1, u + k[:, t]), o2)
             o2 = torch.maximum(o2 - w, k[:, t])
