@@ -76,6 +76,7 @@ Evaluates on the test/ (or val/) split; the default data is the embedded CIFAR-1
 _PREDICT_EPILOG = """examples:
   linvision predict --checkpoint runs/quick cat.jpg dog.png
   linvision predict --checkpoint runs/quick --top-k 3 --json images/*.jpg
+  linvision predict --checkpoint runs/vir --stream huge_scan.tif      # native size, row by row (ViR models)
 
 --json prints one JSON object on stdout:
   {"checkpoint", "model", "results": [{"image", "predictions": [{"class", "index", "prob"}, ...]}, ...]}"""
@@ -154,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument("--top-k", type=int, default=5, help="classes shown per image [5]")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--stream", action="store_true",
+                   help="classify each image at its native size, streamed row by row in constant memory "
+                        "(ViR models; .npy, PPM, BMP and uncompressed TIFF are read by strips)")
     p.set_defaults(func=_cmd_predict)
     return parser
 
@@ -213,7 +217,14 @@ def _cmd_predict(ns: argparse.Namespace) -> int:
     from .engine import predict, setup_threads
     setup_threads(getattr(ns, "threads", None))
     model, config = load_model(ns.checkpoint)
-    results = predict(model, config, ns.images, top_k=ns.top_k)
+    if getattr(ns, "stream", False):
+        from .stream import predict_stream
+        results = predict_stream(model, config, ns.images, top_k=ns.top_k)
+        for r in results:
+            print(f"linvision: streamed {r['image']}: {r['size'][0]}x{r['size'][1]} px, {r['tokens']} tokens, "
+                  f"{r['seconds']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} MiB", file=sys.stderr)
+    else:
+        results = predict(model, config, ns.images, top_k=ns.top_k)
     if ns.json:
         print(json.dumps({"checkpoint": str(ns.checkpoint), "model": config["model"], "results": results}))
         return 0

@@ -8,10 +8,12 @@ import torch
 import torch.nn as nn
 
 from ..ops.retention import decay_gammas, retention_chunkwise, retention_parallel, retention_recurrent
+from ..ops.retention2d import retention2d_parallel, retention2d_recurrent
 
-__all__ = ["MultiScaleRetention", "RETENTION_MODES"]
+__all__ = ["MultiScaleRetention", "MultiScaleRetention2D", "RETENTION_MODES", "RETENTION2D_MODES"]
 
 RETENTION_MODES = ("parallel", "chunkwise", "recurrent")
+RETENTION2D_MODES = ("parallel", "recurrent")
 
 
 class MultiScaleRetention(nn.Module):
@@ -54,5 +56,30 @@ class MultiScaleRetention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)  # each [B, T, H, d]
         o, state = self.forms[mode](q, k, v, self.gamma, scale=self.scale, initial_state=state,
+                                    output_final_state=output_final_state)
+        return self.out_proj(self.norm(o).reshape(B, T, C)), state
+
+
+class MultiScaleRetention2D(MultiScaleRetention):
+    """2D multi-scale retention (ViR v2, arXiv 2310.19731 v2): :class:`MultiScaleRetention` with the decay
+    γ_h^(|Δrow| + |Δcol|) over the causal quadrant of a grid of tokens (:mod:`linvision.ops.retention2d`).
+
+    ``forward(x, width, mode='parallel', state=None, output_final_state=False)`` takes ``x: [B, T, C]`` holding
+    ``T / width`` whole rows (row-major) and the state ``[B, H, width, d, d]`` of the row above (or None);
+    returns ``(out [B, T, C], state of the last row or None)``. Modes: ``'parallel'`` (one ``[T, T]`` decayed
+    score matrix) and ``'recurrent'`` (row by row); they give the same result.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, retention_norm: bool = False):
+        super().__init__(dim, num_heads, retention_norm)
+        self.forms = {"parallel": retention2d_parallel, "recurrent": retention2d_recurrent}
+
+    def forward(self, x: torch.Tensor, width: int, mode: str = "parallel", state: Optional[torch.Tensor] = None,
+                output_final_state: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if mode not in self.forms:
+            raise ValueError(f"2D retention mode must be one of {RETENTION2D_MODES}, got {mode!r}")
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)  # each [B, T, H, d]
+        o, state = self.forms[mode](q, k, v, self.gamma, width, scale=self.scale, initial_state=state,
                                     output_final_state=output_final_state)
         return self.out_proj(self.norm(o).reshape(B, T, C)), state

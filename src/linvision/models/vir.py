@@ -8,6 +8,7 @@ authors' (timm-style) names, so their checkpoints load through :func:`checkpoint
 """
 from __future__ import annotations
 
+import itertools
 from functools import partial
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
@@ -18,25 +19,29 @@ from .. import _compat  # noqa: F401
 from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed
 from timm.models import generate_default_cfgs, register_model
 
-from ..layers.retention import RETENTION_MODES, MultiScaleRetention
+from ..layers.retention import RETENTION2D_MODES, RETENTION_MODES, MultiScaleRetention, MultiScaleRetention2D
+from ..stream import PatchRowEmbed, open_row_source
 from ._common import build, cfg, init_linear_trunc_normal, resize_pos_embed_2d, square_grid
 
-__all__ = ["VisionRetention", "ViRBlock", "checkpoint_filter_fn"]
+__all__ = ["VisionRetention", "VisionRetention2D", "ViRBlock", "checkpoint_filter_fn"]
 
 
 class ViRBlock(nn.Module):
     """Pre-norm block: ``x + dp(ls1(retention(norm1(x))))``, then ``x + dp(ls2(mlp(norm2(x))))``.
 
-    ``forward(x [B, T, C], mode, state, output_final_state) -> (x [B, T, C], retention state or None)``; only
-    retention mixes tokens, so a sequence fed in pieces with the state carried over gives the same tokens.
+    ``forward(x [B, T, C], mode, state, output_final_state, **kw) -> (x [B, T, C], retention state or None)``;
+    only retention mixes tokens, so a sequence fed in pieces with the state carried over gives the same tokens.
+    ``retention_layer`` is :class:`MultiScaleRetention` (1D) or :class:`MultiScaleRetention2D` (which takes
+    ``width=`` through ``**kw``).
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4., init_values: Optional[float] = 1e-5,
                  drop_path: float = 0., proj_drop: float = 0., retention_norm: bool = False, chunk_size: int = 64,
-                 norm_layer: Callable = partial(nn.LayerNorm, eps=1e-6)):
+                 norm_layer: Callable = partial(nn.LayerNorm, eps=1e-6), retention_layer: type = MultiScaleRetention):
         super().__init__()
         self.norm1 = norm_layer(dim)
-        self.retention = MultiScaleRetention(dim, num_heads, retention_norm, chunk_size)
+        self.retention = (MultiScaleRetention(dim, num_heads, retention_norm, chunk_size)
+                          if retention_layer is MultiScaleRetention else retention_layer(dim, num_heads, retention_norm))
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
@@ -45,8 +50,8 @@ class ViRBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor, mode: str = "parallel", state: Optional[torch.Tensor] = None,
-                output_final_state: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        r, state = self.retention(self.norm1(x), mode, state, output_final_state)
+                output_final_state: bool = False, **kw) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        r, state = self.retention(self.norm1(x), mode=mode, state=state, output_final_state=output_final_state, **kw)
         x = x + self.drop_path1(self.ls1(r))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))), state
 
@@ -75,6 +80,11 @@ class VisionRetention(nn.Module):
     ``forward`` → ``[B, num_classes]``.
     """
 
+    modes = RETENTION_MODES
+    retention_layer: type = MultiScaleRetention
+    class_token = True  # appended last
+    pools = ("", "avg", "token_last")
+
     def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: Union[int, Tuple[int, int]] = 16,
                  in_chans: int = 3, num_classes: int = 1000, global_pool: str = "token_last", embed_dim: int = 192,
                  depth: int = 12, num_heads: int = 3, mlp_ratio: float = 4., init_values: Optional[float] = 1e-5,
@@ -82,29 +92,31 @@ class VisionRetention(nn.Module):
                  proj_drop_rate: float = 0., drop_path_rate: float = 0., mode: str = "parallel",
                  chunk_size: int = 64):
         super().__init__()
-        if mode not in RETENTION_MODES:
-            raise ValueError(f"mode must be one of {RETENTION_MODES}, got {mode!r}")
+        if mode not in self.modes:
+            raise ValueError(f"mode must be one of {self.modes}, got {mode!r}")
+        if global_pool not in self.pools:
+            raise ValueError(f"global_pool must be one of {self.pools}, got {global_pool!r}")
         self.mode, self.chunk_size = mode, chunk_size
-        assert global_pool in ("", "avg", "token_last"), f"unknown global_pool {global_pool!r}"
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         self.num_classes, self.global_pool = num_classes, global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
-        self.num_prefix_tokens = 1  # the class token (it is appended last, not prefixed)
+        self.num_prefix_tokens = int(self.class_token)  # the class token (it is appended last, not prefixed)
         self.grad_checkpointing = False
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, bias=True, strict_img_size=False,
                                       output_fmt="NHWC", dynamic_img_pad=True)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if self.class_token else None
         self.pos_embed = nn.Parameter(torch.randn(1, self.patch_embed.num_patches, embed_dim) * .02)
         self.pos_drop = nn.Dropout(pos_drop_rate)
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList([
             ViRBlock(embed_dim, num_heads, mlp_ratio, init_values, dpr[i], proj_drop_rate, retention_norm,
-                     chunk_size, norm_layer) for i in range(depth)])
+                     chunk_size, norm_layer, self.retention_layer) for i in range(depth)])
         self.norm = norm_layer(embed_dim)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         # authors' init (timm ViT 'init_weights_vit_timm'): trunc-normal 0.02 Linear, zero bias; cls N(0, 1e-6)
-        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
         self.apply(init_linear_trunc_normal)
 
     @torch.jit.ignore
@@ -127,7 +139,8 @@ class VisionRetention(nn.Module):
         """Replace the head with a fresh ``Linear(embed_dim, num_classes)`` (Identity for 0)."""
         self.num_classes = num_classes
         if global_pool is not None:
-            assert global_pool in ("", "avg", "token_last")
+            if global_pool not in self.pools:
+                raise ValueError(f"global_pool must be one of {self.pools}, got {global_pool!r}")
             self.global_pool = global_pool
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
@@ -166,13 +179,151 @@ class VisionRetention(nn.Module):
         if self.global_pool == "token_last":
             x = x[:, -1]
         elif self.global_pool == "avg":
-            x = x[:, :-1].mean(dim=1)
+            x = x[:, :x.shape[1] - self.num_prefix_tokens].mean(dim=1)  # patch tokens only
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor, mode: Optional[str] = None) -> torch.Tensor:
         """``[B, in_chans, H, W]`` → logits ``[B, num_classes]``; ``mode`` as in :meth:`forward_features`."""
         return self.forward_head(self.forward_features(x, mode))
+
+    def _row_embed(self, source, mean, std, height) -> PatchRowEmbed:
+        src = open_row_source(source, height=height)
+        cfg = getattr(self, "pretrained_cfg", None) or {}
+        mean = cfg.get("mean", (0.485, 0.456, 0.406)) if mean is None else mean
+        std = cfg.get("std", (0.229, 0.224, 0.225)) if std is None else std
+        return PatchRowEmbed(self.patch_embed, self.pos_embed, self.patch_embed.grid_size, src, mean, std)
+
+    @torch.no_grad()
+    def forward_stream(self, source, mean: Optional[Tuple[float, ...]] = None, std: Optional[Tuple[float, ...]] = None,
+                       height: Optional[int] = None, pre_logits: bool = False) -> torch.Tensor:
+        """Classify one image of any size from a lazily read ``source``, one row of patches at a time.
+
+        Patch tokens are made from one row's pixel strip at a time, ``chunk_size`` tokens at a time, and the token
+        sequence is fed through **all** blocks in chunks of exactly ``chunk_size`` tokens (a chunk may span two
+        rows), with one retention state ``[1, H, d, d]`` per block; then the class token. Memory is constant in
+        the image height and, apart from one strip of pixels (patch × width × channels, uint8 for image files),
+        in its width; the result equals ``model(x, mode='chunkwise')`` on the whole image (up to float rounding;
+        the pos-embed row is resized bicubically exactly as for the full grid).
+
+        Args:
+            source: see :func:`linvision.stream.open_row_source` — a path (``.npy``, PPM/BMP/uncompressed TIFF
+                streamed; other formats decoded once as 8-bit RGB), a NumPy array ``[H, W, C]``, a tensor
+                ``[1, C, H, W]`` (already normalized), a :class:`~linvision.stream.RowSource`, or an iterator
+                of strips ``[h_i, W, C]`` with ``height``.
+            mean, std: normalization of integer pixels (default: the model's ``pretrained_cfg``).
+            pre_logits: return the pooled features ``[1, C]`` instead of logits.
+
+        Returns:
+            logits ``[1, num_classes]`` (float32).
+
+        Raises:
+            LinvisionError: an unreadable file; ValueError: an unsupported source or shape.
+        """
+        if self.global_pool not in ("token_last", "avg"):
+            raise ValueError("forward_stream needs global_pool 'token_last' or 'avg'")
+        emb = self._row_embed(source, mean, std, height)
+        states: list = [None] * len(self.blocks)
+
+        def feed(h: torch.Tensor) -> torch.Tensor:
+            for i, blk in enumerate(self.blocks):
+                h, states[i] = blk(h, "chunkwise", states[i], output_final_state=True)
+            return h
+
+        pooled, pending = None, []  # pending: token segments not yet fed, fewer than chunk_size in total
+        n_pending = 0
+        segments = (emb.row(r, c0, min(emb.cols, c0 + self.chunk_size))
+                    for r in range(emb.rows) for c0 in range(0, emb.cols, self.chunk_size))
+        for seg in itertools.chain(segments, [None]):
+            if seg is not None:
+                pending.append(seg)
+                n_pending += seg.shape[1]
+            while n_pending >= self.chunk_size or (seg is None and n_pending):
+                # full chunks of the token sequence, across row boundaries: the working set is one chunk
+                buf = torch.cat(pending, dim=1) if len(pending) > 1 else pending[0]
+                h = self.norm(feed(buf[:, :self.chunk_size]))
+                if self.global_pool == "avg":
+                    pooled = h.sum(1) if pooled is None else pooled + h.sum(1)
+                pending = [buf[:, self.chunk_size:]] if buf.shape[1] > self.chunk_size else []
+                n_pending = max(0, n_pending - self.chunk_size)
+        cls = self.norm(feed(self.cls_token))[:, 0]
+        x = cls if self.global_pool == "token_last" else pooled / (emb.rows * emb.cols)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+
+class VisionRetention2D(VisionRetention):
+    """ViR with **2D retention** (ViR v2, arXiv 2310.19731 v2): decay γ_h^(|Δrow| + |Δcol|) over the causal
+    quadrant of the patch grid (:class:`~linvision.layers.retention.MultiScaleRetention2D`), no class token,
+    classification from the mean of the final-normed patch tokens (``global_pool='avg'``).
+
+    Same arguments as :class:`VisionRetention` except ``mode``: ``'parallel'`` (training; one ``[T, T]`` decayed
+    score matrix per head) or ``'recurrent'`` (row by row through **all** blocks with one state
+    ``[B, H, cols, d, d]`` per block: memory constant in the number of rows). ``chunk_size`` is unused.
+
+    Shapes: input ``[B, in_chans, H, W]``; ``forward_features`` → ``[B, T, C]`` (patches row-major);
+    ``forward`` → ``[B, num_classes]``.
+    """
+    modes = RETENTION2D_MODES
+    retention_layer = MultiScaleRetention2D
+    class_token = False
+    pools = ("", "avg")
+
+    def __init__(self, *args, global_pool: str = "avg", **kwargs):
+        super().__init__(*args, global_pool=global_pool, **kwargs)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {"pos_embed"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(stem=r"^pos_embed|patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    def forward_features(self, x: torch.Tensor, mode: Optional[str] = None) -> torch.Tensor:
+        """``[B, in_chans, H, W]`` → final-normed patch tokens ``[B, T, C]`` (row-major); ``mode`` (default: the
+        model's) is ``'parallel'`` or ``'recurrent'``."""
+        mode = mode or self.mode
+        x = self.patch_embed(x)  # [B, rows, cols, C]
+        B, R, W, C = x.shape
+        x = self.pos_drop(x.reshape(B, R * W, C) + resize_pos_embed_2d(self.pos_embed, self.patch_embed.grid_size,
+                                                                       (R, W)))
+        if mode == "parallel":
+            for blk in self.blocks:
+                if self.grad_checkpointing and not torch.jit.is_scripting():
+                    x = torch.utils.checkpoint.checkpoint(blk, x, mode, None, False, use_reentrant=False,
+                                                          width=W)[0]
+                else:
+                    x = blk(x, mode, width=W)[0]
+            return self.norm(x)
+        states: list = [None] * len(self.blocks)
+        outs = []
+        for r in range(R):  # row by row through all blocks, one per-column state per block
+            h = x[:, r * W:(r + 1) * W]
+            for i, blk in enumerate(self.blocks):
+                h, states[i] = blk(h, mode, states[i], output_final_state=True, width=W)
+            outs.append(self.norm(h))
+        return torch.cat(outs, dim=1)
+
+    @torch.no_grad()
+    def forward_stream(self, source, mean: Optional[Tuple[float, ...]] = None, std: Optional[Tuple[float, ...]] = None,
+                       height: Optional[int] = None, pre_logits: bool = False) -> torch.Tensor:
+        """As :meth:`VisionRetention.forward_stream`, row-recurrent 2D retention: each whole row of patches goes
+        through all blocks with one state ``[1, H, cols, d, d]`` per block, and the final-normed tokens are summed
+        for the average pool. Memory is constant in the image height and linear in its width (the per-column
+        states); the result equals ``model(x, mode='recurrent')`` on the whole image."""
+        if self.global_pool != "avg":
+            raise ValueError("forward_stream needs global_pool 'avg'")
+        emb = self._row_embed(source, mean, std, height)
+        states: list = [None] * len(self.blocks)
+        pooled = 0.
+        for r in range(emb.rows):
+            h = emb.row(r)
+            for i, blk in enumerate(self.blocks):
+                h, states[i] = blk(h, "recurrent", states[i], output_final_state=True, width=emb.cols)
+            pooled = pooled + self.norm(h).sum(1)
+        x = self.head_drop(pooled / (emb.rows * emb.cols))
+        return x if pre_logits else self.head(x)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionRetention) -> Dict[str, torch.Tensor]:
@@ -199,11 +350,16 @@ default_cfgs = generate_default_cfgs({
     "vir_small": _cfg(),
     "vir_base": _cfg(),
     "test_vir": _cfg(input_size=(3, 64, 64), num_classes=10),
+    "vir2d_tiny": _cfg(),
+    "vir2d_small": _cfg(),
+    "vir2d_base": _cfg(),
+    "test_vir2d": _cfg(input_size=(3, 64, 64), num_classes=10),
 })
 
 
 def _model(name: str, pretrained: bool, defaults: Dict[str, Any], kwargs: Dict[str, Any]) -> VisionRetention:
-    return build(VisionRetention, checkpoint_filter_fn, name, pretrained, defaults, kwargs)
+    cls = VisionRetention2D if name.startswith(("vir2d", "test_vir2d")) else VisionRetention
+    return build(cls, checkpoint_filter_fn, name, pretrained, defaults, kwargs)
 
 
 @register_model
@@ -228,4 +384,29 @@ def vir_base(pretrained: bool = False, **kwargs) -> VisionRetention:
 def test_vir(pretrained: bool = False, **kwargs) -> VisionRetention:
     """Tiny test model = ``../shared/golden/vir_golden_small.json`` (64×64, patch 16, C 64, 2 heads, depth 2)."""
     return _model("test_vir", pretrained, dict(img_size=64, embed_dim=64, depth=2, num_heads=2, num_classes=10),
+                  kwargs)
+
+
+@register_model
+def vir2d_tiny(pretrained: bool = False, **kwargs) -> VisionRetention2D:
+    """ViR-T/16 with 2D retention: C 192, 3 heads, depth 12, average-pooled head."""
+    return _model("vir2d_tiny", pretrained, dict(embed_dim=192, depth=12, num_heads=3), kwargs)
+
+
+@register_model
+def vir2d_small(pretrained: bool = False, **kwargs) -> VisionRetention2D:
+    """ViR-S/16 with 2D retention: C 384, 6 heads, depth 12."""
+    return _model("vir2d_small", pretrained, dict(embed_dim=384, depth=12, num_heads=6), kwargs)
+
+
+@register_model
+def vir2d_base(pretrained: bool = False, **kwargs) -> VisionRetention2D:
+    """ViR-B/16 with 2D retention: C 768, 12 heads, depth 12."""
+    return _model("vir2d_base", pretrained, dict(embed_dim=768, depth=12, num_heads=12), kwargs)
+
+
+@register_model
+def test_vir2d(pretrained: bool = False, **kwargs) -> VisionRetention2D:
+    """Tiny 2D-retention test model (64×64, patch 16, C 64, 2 heads, depth 2)."""
+    return _model("test_vir2d", pretrained, dict(img_size=64, embed_dim=64, depth=2, num_heads=2, num_classes=10),
                   kwargs)

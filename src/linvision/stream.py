@@ -1,0 +1,369 @@
+"""Streaming inference: classify an image far larger than fits as one tensor by feeding it to a recurrent model
+one row of patches at a time (ViR: :meth:`~linvision.models.vir.VisionRetention.forward_stream`).
+
+A *row source* hands out horizontal strips of pixels on demand, so the whole image never exists in memory:
+
+- :class:`NpySource` — a ``.npy`` file ``[H, W, C]`` (uint8/uint16/float), rows read with ``pread`` (no mmap,
+  so the process's resident memory does not grow with the file);
+- :class:`PILSource` — an image file opened lazily with PIL. Uncompressed layouts (PPM/PGM, BMP, uncompressed
+  TIFF strips) are decoded strip by strip straight from the file; compressed formats (JPEG, PNG, ...) cannot be
+  decoded partially by PIL and are decoded once as 8-bit RGB (H·W·3 bytes — still far less than a float tensor
+  and the model's activations), with a warning;
+- :class:`ArraySource` — an in-memory (or memory-mapped) NumPy array ``[H, W, C]`` or a torch tensor
+  ``[1, C, H, W]`` / ``[C, H, W]``;
+- :class:`StripSource` — any iterator of strips ``[h_i, W, C]`` (heights may vary) plus the image's height.
+
+Integer pixels are scaled to [0, 1] (by 255, or 65535 for 16-bit) and normalized with the model's mean/std;
+floating-point pixels (e.g. a torch tensor) are taken as already-normalized model input. Grayscale is repeated to
+3 channels; a 4th (alpha) channel is dropped.
+
+:class:`PatchRowEmbed` turns strips into patch tokens with the model's own ``patch_embed`` and adds the pos-embed
+row by row, each row interpolated exactly as for the full grid (bicubic, separable: one ``[rows, grid_h]`` and one
+``[cols, grid_w]`` interpolation matrix, never the full ``[rows·cols, C]`` pos-embed).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .errors import LinvisionError
+
+__all__ = ["RowSource", "NpySource", "PILSource", "ArraySource", "StripSource", "open_row_source",
+           "PatchRowEmbed", "interpolation_matrix"]
+
+_log = logging.getLogger("linvision")
+
+
+class RowSource:
+    """An image read by horizontal strips: ``height``, ``width`` (pixels) and ``read_rows(r0, r1)`` returning the
+    pixel rows ``[r0, r1)`` as ``[r1 - r0, width, C]`` (NumPy array or torch tensor). Reads come in increasing
+    order; a source need not support going back."""
+
+    height: int
+    width: int
+
+    def read_rows(self, r0: int, r1: int):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class ArraySource(RowSource):
+    """A NumPy array (or ``np.memmap``) ``[H, W]``/``[H, W, C]``, or a torch tensor ``[1, C, H, W]``/``[C, H, W]``
+    (already-normalized model input). A memmap's pages stay resident once read: use :class:`NpySource` for
+    files larger than memory."""
+
+    def __init__(self, array: Union[np.ndarray, torch.Tensor]):
+        if isinstance(array, torch.Tensor):
+            if array.dim() == 4:
+                if array.shape[0] != 1:
+                    raise ValueError(f"streaming takes one image; got a batch of {array.shape[0]}")
+                array = array[0]
+            if array.dim() != 3:
+                raise ValueError(f"expected a tensor [1, C, H, W] or [C, H, W], got {tuple(array.shape)}")
+            array = array.permute(1, 2, 0)  # [H, W, C] view
+        elif array.ndim not in (2, 3):
+            raise ValueError(f"expected an array [H, W] or [H, W, C], got shape {array.shape}")
+        self.array = array
+        self.height, self.width = int(array.shape[0]), int(array.shape[1])
+
+    def read_rows(self, r0: int, r1: int):
+        return self.array[r0:r1]
+
+
+class NpySource(RowSource):
+    """A ``.npy`` file ``[H, W]`` or ``[H, W, C]`` (C-order), read row range by row range with ``os.pread``.
+
+    Raises:
+        LinvisionError: the file is not a readable C-order 2D/3D ``.npy``.
+    """
+
+    def __init__(self, path: Union[str, Path]):
+        self.path, self._fd = Path(path), None
+        try:
+            with open(self.path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, fortran, dtype = read_header(f)
+                self.offset = f.tell()
+        except (OSError, ValueError) as e:
+            raise LinvisionError(f"cannot read {self.path} as a .npy array: {e}") from None
+        if fortran or len(shape) not in (2, 3) or dtype.hasobject:
+            raise LinvisionError(f"{self.path}: expected a C-order [H, W] or [H, W, C] array, got shape {shape} "
+                                 f"{'(Fortran order) ' if fortran else ''}dtype {dtype}")
+        self.shape, self.dtype = tuple(shape), dtype
+        self.height, self.width = int(shape[0]), int(shape[1])
+        self.row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def read_rows(self, r0: int, r1: int) -> np.ndarray:
+        n = (r1 - r0) * self.row_bytes
+        buf = bytearray(n)  # writable, so torch can wrap it without a copy
+        if os.preadv(self._fd, [buf], self.offset + r0 * self.row_bytes) != n:
+            raise LinvisionError(f"{self.path}: file is truncated (rows {r0}..{r1} of {self.height})")
+        return np.frombuffer(buf, dtype=self.dtype).reshape((r1 - r0,) + self.shape[1:])
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            self.close()
+
+
+_RAW_BYTES = {"L": 1, "P": 1, "I;8": 1, "RGB": 3, "BGR": 3, "YCbCr": 3, "RGBA": 4, "RGBX": 4, "BGRX": 4,
+              "RGBa": 4, "CMYK": 4, "LA": 2, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+
+
+class PILSource(RowSource):
+    """An image file opened lazily with PIL, converted to 8-bit RGB strip by strip (as ``linvision.data.to_rgb``).
+
+    Files whose pixel data PIL describes as uncompressed ``raw`` strips spanning the full width (PPM/PGM, BMP,
+    uncompressed TIFF) are read strip by strip from the file; anything else is decoded whole once (a warning
+    says so) — PIL cannot decode JPEG/PNG partially.
+
+    Raises:
+        LinvisionError: the file is missing or not an image.
+    """
+
+    def __init__(self, path: Union[str, Path]):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise LinvisionError(f"image not found: {self.path}")
+        Image.MAX_IMAGE_PIXELS = None  # the point of streaming is huge images; it is the user's own file
+        try:
+            self.image = Image.open(self.path)
+        except (OSError, SyntaxError, ValueError) as e:
+            raise LinvisionError(f"cannot decode image {self.path}: {e}") from None
+        self.width, self.height = self.image.size
+        self.tiles = self._raw_strips(self.image)
+        self._decoded: Optional[np.ndarray] = None
+        if self.tiles is None:
+            _log.warning("%s: %s cannot be decoded by strips; decoding it whole (%.0f MiB as 8-bit RGB)",
+                         self.path, self.image.format, self.width * self.height * 3 / 2 ** 20)
+
+    @staticmethod
+    def _raw_strips(im: Image.Image):
+        """``[(y0, y1, offset, rawmode, stride, orientation)]`` if every tile is a full-width raw strip."""
+        out = []
+        for t in im.tile:
+            name, (x0, y0, x1, y1), offset, args = t[0], t[1], t[2], t[3]
+            rawmode, stride, orient = (args, 0, 1) if isinstance(args, str) else (tuple(args) + (0, 1))[:3]
+            if name != "raw" or x0 != 0 or x1 != im.size[0] or rawmode not in _RAW_BYTES:
+                return None
+            stride = stride or _RAW_BYTES[rawmode] * im.size[0]
+            out.append((y0, y1, offset, rawmode, stride, orient or 1))
+        return out or None
+
+    def read_rows(self, r0: int, r1: int) -> np.ndarray:
+        from .data import to_rgb
+        if self.tiles is None:
+            if self._decoded is None:
+                try:
+                    self._decoded = np.asarray(to_rgb(self.image))
+                except (OSError, SyntaxError, ValueError) as e:
+                    raise LinvisionError(f"cannot decode image {self.path}: {e}") from None
+            return self._decoded[r0:r1]
+        parts = []
+        with open(self.path, "rb") as f:
+            for y0, y1, offset, rawmode, stride, orient in self.tiles:
+                a, b = max(r0, y0), min(r1, y1)
+                if a >= b:
+                    continue
+                first = (a - y0) if orient > 0 else (y1 - b)  # stored row index of the first row to read
+                f.seek(offset + first * stride)
+                data = f.read((b - a) * stride)
+                if len(data) != (b - a) * stride:
+                    raise LinvisionError(f"cannot decode image {self.path}: file is truncated")
+                strip = Image.frombuffer(self.image.mode, (self.width, b - a), data, "raw", rawmode, stride, orient)
+                parts.append(np.asarray(to_rgb(strip)))
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+class StripSource(RowSource):
+    """An iterator of pixel strips ``[h_i, W, C]`` (any heights) covering an image of known ``height``."""
+
+    def __init__(self, strips: Iterable, height: int, width: Optional[int] = None):
+        self._it: Iterator = iter(strips)
+        self.height = int(height)
+        self._buf, self._pos = None, 0  # buffered rows start at image row _pos
+        first = self._next()
+        self.width = int(first.shape[1]) if width is None else int(width)
+        if first.shape[1] != self.width:
+            raise ValueError(f"strip width {first.shape[1]} != width {self.width}")
+        self._buf = first
+
+    def _next(self):
+        try:
+            s = next(self._it)
+        except StopIteration:
+            raise ValueError("the strip iterator ended before the image's height was reached") from None
+        return s if isinstance(s, (np.ndarray, torch.Tensor)) else np.asarray(s)
+
+    def read_rows(self, r0: int, r1: int):
+        if r0 < self._pos:
+            raise ValueError("StripSource reads forward only")
+        cat = torch.cat if isinstance(self._buf, torch.Tensor) else np.concatenate
+        while self._pos + len(self._buf) < r1:
+            self._buf = cat([self._buf, self._next()])
+        out = self._buf[r0 - self._pos:r1 - self._pos]
+        self._buf, self._pos = self._buf[r1 - self._pos:], r1
+        return out
+
+
+def open_row_source(source, height: Optional[int] = None) -> RowSource:
+    """A :class:`RowSource` for ``source``: a RowSource (returned as is), a path (``.npy`` → :class:`NpySource`,
+    else :class:`PILSource`), a PIL image (decoded whole), a NumPy array or torch tensor (:class:`ArraySource`),
+    or an iterable of strips (:class:`StripSource`, needs ``height``).
+
+    Raises:
+        LinvisionError: missing/unreadable file; ValueError: an unsupported object or shape.
+    """
+    if isinstance(source, RowSource):
+        return source
+    if isinstance(source, (str, Path)):
+        return NpySource(source) if str(source).lower().endswith(".npy") else PILSource(source)
+    if isinstance(source, Image.Image):
+        from .data import to_rgb
+        return ArraySource(np.asarray(to_rgb(source)))
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        return ArraySource(source)
+    if isinstance(source, Iterable):
+        if height is None:
+            raise ValueError("streaming from an iterator of strips needs the image height (height=...)")
+        return StripSource(source, height)
+    raise ValueError(f"cannot stream from a {type(source).__name__}")
+
+
+def interpolation_matrix(n_in: int, n_out: int, dtype=torch.float32) -> torch.Tensor:
+    """``M [n_out, n_in]`` with ``M @ x`` = 1D bicubic resize of x (align_corners=False, no antialias) — the
+    operator ``F.interpolate`` applies along one axis, read off by resizing the identity. Bicubic resize is
+    separable, so a 2D resize is ``M_h X M_wᵀ`` per channel."""
+    eye = torch.eye(n_in, dtype=torch.float32).view(1, n_in, n_in, 1)  # n_in signals of length n_in
+    m = F.interpolate(eye, size=(n_out, 1), mode="bicubic", align_corners=False)  # [1, n_in, n_out, 1]
+    return m[0, :, :, 0].t().to(dtype)
+
+
+class PatchRowEmbed:
+    """Patch tokens of one row of patches at a time, plus their pos-embed row, for streaming.
+
+    Args:
+        patch_embed: the model's timm ``PatchEmbed`` (its ``proj`` and ``norm`` are applied to each strip).
+        pos_embed: ``[1, gh * gw, C]`` learned patch pos-embed of grid ``grid = (gh, gw)``.
+        source: a :class:`RowSource`.
+        mean, std: per-channel normalization for integer pixels (ignored for float pixels).
+
+    ``rows`` = ceil(height / patch) and ``cols`` = ceil(width / patch): sides not divisible by the patch are
+    zero-padded bottom/right after normalization, as ``PatchEmbed(dynamic_img_pad=True)`` does on a whole image.
+    ``row(r, c0, c1)`` → tokens ``[1, c1 - c0, C]`` of patch row r, columns [c0, c1), pos-embed added.
+    """
+
+    def __init__(self, patch_embed, pos_embed: torch.Tensor, grid: Tuple[int, int], source: RowSource,
+                 mean: Sequence[float], std: Sequence[float]):
+        self.pe, self.src = patch_embed, source
+        self.p = patch_embed.patch_size
+        self.rows, self.cols = math.ceil(source.height / self.p[0]), math.ceil(source.width / self.p[1])
+        gh, gw = grid
+        C = pos_embed.shape[-1]
+        self.P = pos_embed.reshape(gh, gw, C)
+        self.Mh = interpolation_matrix(gh, self.rows, pos_embed.dtype)  # [rows, gh]
+        self.Mw = interpolation_matrix(gw, self.cols, pos_embed.dtype)  # [cols, gw]
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self._strip_row, self._strip = -1, None
+
+    def _pixels(self, r: int) -> torch.Tensor:
+        """Patch row r as a model-ready float tensor ``[1, 3, ph, W]`` (uint8 until sliced by columns)."""
+        if self._strip_row != r:
+            a = self.src.read_rows(r * self.p[0], min(self.src.height, (r + 1) * self.p[0]))
+            if isinstance(a, torch.Tensor):
+                t = a
+            else:
+                a = np.ascontiguousarray(a)
+                t = torch.from_numpy(a if a.flags.writeable else a.copy())  # one strip; torch wants writable
+            if t.dim() == 2:
+                t = t[:, :, None]
+            if t.shape[1] != self.src.width:
+                raise ValueError(f"row source returned width {t.shape[1]}, expected {self.src.width}")
+            self._strip_row, self._strip = r, t  # [h, W, C], raw dtype
+        return self._strip
+
+    def row(self, r: int, c0: int = 0, c1: Optional[int] = None) -> torch.Tensor:
+        c1 = self.cols if c1 is None else c1
+        ph, pw = self.p
+        t = self._pixels(r)[:, c0 * pw:c1 * pw]  # [h, w, Cin] raw pixels of these columns only
+        if t.dtype == torch.uint16 or t.dtype == torch.int32:
+            t = t.to(torch.float32) / 65535.
+        elif not t.is_floating_point():
+            t = t.to(torch.float32) / 255.
+        else:
+            t = t.to(torch.float32)
+        x = t.permute(2, 0, 1)[None]  # [1, Cin, h, w]
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        elif x.shape[1] == 4:
+            x = x[:, :3]
+        if not self._strip.is_floating_point():
+            x = (x - self.mean) / self.std
+        x = F.pad(x, (0, (c1 - c0) * pw - x.shape[-1], 0, ph - x.shape[-2]))  # bottom/right zero padding
+        tok = self.pe.norm(self.pe.proj(x).flatten(2).transpose(1, 2))  # [1, c1 - c0, C]
+        pos = self.Mw[c0:c1] @ torch.einsum("i,ijc->jc", self.Mh[r], self.P)  # [c1 - c0, C]
+        return tok + pos[None]
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size so far, in MiB (``ru_maxrss``; Linux reports KiB)."""
+    import resource
+    import sys
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 2 ** 20 if sys.platform == "darwin" else r / 2 ** 10
+
+
+def predict_stream(model, config: dict, paths: Sequence[Union[str, Path]], top_k: int = 5) -> list:
+    """``linvision predict --stream``: classify each image file at its **native** resolution (no resize or crop)
+    with ``model.forward_stream``, normalized with the checkpoint's mean/std.
+
+    Returns:
+        One dict per image: ``{"image", "size": [W, H], "tokens", "seconds", "peak_rss_mib", "predictions":
+        [{"class", "index", "prob"}, ...]}`` (``peak_rss_mib``: the process's peak RSS after this image).
+
+    Raises:
+        LinvisionError: the model cannot stream, or an image is missing/undecodable.
+    """
+    import time
+    if not hasattr(model, "forward_stream"):
+        raise LinvisionError(f"model {config.get('model')} cannot stream (--stream needs a recurrent model: "
+                             "vir_*, vir2d_*)")
+    dc, names = config.get("data_config", {}), config.get("class_names") or []
+    model.eval()
+    results = []
+    for p in paths:
+        src = open_row_source(p)
+        t0 = time.perf_counter()
+        try:
+            probs = model.forward_stream(src, mean=dc.get("mean"), std=dc.get("std")).float().softmax(dim=1)[0]
+        except (OSError, SyntaxError, ValueError) as e:
+            raise LinvisionError(f"cannot decode image {p}: {e}") from None
+        finally:
+            src.close()
+        top = probs.topk(min(top_k, probs.numel()))
+        ph, pw = model.patch_embed.patch_size
+        results.append({
+            "image": str(p), "size": [src.width, src.height],
+            "tokens": math.ceil(src.height / ph) * math.ceil(src.width / pw),
+            "seconds": round(time.perf_counter() - t0, 3), "peak_rss_mib": round(peak_rss_mib(), 1),
+            "predictions": [{"class": names[k] if k < len(names) else str(k), "index": k, "prob": v}
+                            for v, k in zip(top.values.tolist(), top.indices.tolist())]})
+    return results
