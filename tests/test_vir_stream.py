@@ -182,8 +182,13 @@ def test_pil_source_reads_strips_of_uncompressed_files(fmt, streamed, tmp_path, 
     img = rng.integers(0, 256, (45, 31, 3), dtype=np.uint8)
     path = tmp_path / f"img.{fmt}"
     Image.fromarray(img).save(path)
-    with caplog.at_level(logging.WARNING, logger="linvision"):
-        src = PILSource(path)
+    log = logging.getLogger("linvision")  # the CLI stops it propagating to the root logger caplog listens on
+    log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="linvision"):
+            src = PILSource(path)
+    finally:
+        log.removeHandler(caplog.handler)
     assert (src.tiles is not None) == streamed
     assert ("decoding it whole" in caplog.text) == (not streamed)
     got = np.concatenate([src.read_rows(r, min(45, r + 8)) for r in range(0, 45, 8)])
