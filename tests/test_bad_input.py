@@ -203,7 +203,8 @@ def test_train_state_that_is_not_a_torch_zip_file(ckpt, tmp_path, capsys):
 def test_train_state_holding_arbitrary_objects(ckpt, tmp_path, capsys):
     torch.save({"epoch": 1, "args": {}, "evil": shutil.rmtree}, ckpt / "train_state.pt")  # refused, never run
     one_line_error(capsys, "train", "--resume", ckpt, unchanged=tmp_path,
-                   needles=["cannot read training state", "train_state.pt", "safe loading (weights_only) refuses: shutil.rmtree"])
+                   needles=["cannot read training state", "train_state.pt",
+                            "safe loading (weights_only) refuses: shutil.rmtree"])
 
 
 # --------------------------------------------------------------------------------------------------- arguments
@@ -231,6 +232,16 @@ def test_output_that_cannot_be_written(tiny_data, tmp_path, capsys):
         (tmp_path / "ro").mkdir(mode=0o555)
         one_line_error(capsys, *train_cmd(tiny_data, tmp_path / "ro" / "run"), unchanged=tmp_path,
                        needles=["cannot write to --output", "Permission denied"])
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--batch-size", "0", "--batch-size must be positive (got 0)"),
+    ("--save-every-steps", "-1", "--save-every-steps must not be negative (got -1)"),
+    ("--lr", "inf", "--lr must be a finite number (got inf)"),
+])
+def test_numeric_options_out_of_range(tiny_data, tmp_path, capsys, option, value, message):
+    one_line_error(capsys, *train_cmd(tiny_data, tmp_path / "out", option, value), unchanged=tmp_path,
+                   needles=[message])
 
 
 # --------------------------------------------------------------------------------------------------- entry point

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -206,6 +207,9 @@ def _positive(given: dict[str, Any]) -> None:
     for k in ("save_every_steps", "workers", "threads", "warmup_epochs", "clip_grad"):
         if given.get(k) is not None and given[k] < 0:
             raise LinvisionError(f"--{k.replace('_', '-')} must not be negative (got {given[k]})")
+    for k in ("lr", "min_lr", "warmup_lr", "weight_decay", "warmup_epochs", "clip_grad", "drop_path"):
+        if given.get(k) is not None and not math.isfinite(given[k]):
+            raise LinvisionError(f"--{k.replace('_', '-')} must be a finite number (got {given[k]})")
 
 
 def _cmd_train(ns: argparse.Namespace) -> int:
@@ -234,7 +238,8 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
     if m["skipped"]:
         logging.getLogger("linvision").warning("%d unreadable image(s) skipped", m["skipped"])
     if ns.json:
-        print(json.dumps({"top1": m["top1"], "top5": m["top5"], "loss": m["loss"], "n": m["n"], "skipped": m["skipped"],
+        print(json.dumps({"top1": m["top1"], "top5": m["top5"], "loss": m["loss"], "n": m["n"],
+                          "skipped": m["skipped"],
                           "per_class": m["per_class"], "checkpoint": str(ns.checkpoint), "model": config["model"],
                           "data": str(loader.dataset.root)}))
         return 0

@@ -48,8 +48,8 @@ class DistInfo:
 
 
 def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
-    """``"auto"``/``None`` → ``cuda:LOCAL_RANK`` if CUDA is available, else ``cpu``; ``"cuda"`` → ``cuda:LOCAL_RANK``;
-    anything else is passed to ``torch.device``.
+    """``"auto"``/``None`` → ``cuda:LOCAL_RANK`` if CUDA is available, else ``cpu``; ``"cuda"`` →
+    ``cuda:LOCAL_RANK``; anything else is passed to ``torch.device``.
 
     Raises:
         LinvisionError: CUDA asked for but not available, or an unknown device string.

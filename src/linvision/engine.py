@@ -434,11 +434,11 @@ def _train(args: Namespace, di: DistInfo) -> dict[str, Any]:
                 "rng": ranks[0]["rng"], "rng_per_rank": [r["rng"] for r in ranks], "world_size": di.world_size,
                 "args": run_args, "history": history})
 
-    def nonfinite(what: str, value: float, epoch: int) -> LinvisionError:
+    def nonfinite(what: str, value: float, epoch: int, at: int | None = None) -> LinvisionError:
         where = (f"the last good checkpoint ({last_ckpt}) is kept in {out}" if last_ckpt else
                  "no checkpoint was written")
-        return LinvisionError(f"non-finite {what} ({value}) at step {step + 1} (epoch {epoch + 1}); training stopped, "
-                              f"{where}. Try a lower --lr or --clip-grad")
+        return LinvisionError(f"non-finite {what} ({value}) at step {step + 1 if at is None else at} (epoch "
+                              f"{epoch + 1}); training stopped, {where}. Try a lower --lr or --clip-grad")
 
     save_every = getattr(args, "save_every_steps", None) or 0
     steps_this_run, stop, result = 0, start_epoch >= args.epochs, {}
@@ -542,7 +542,7 @@ def _train(args: Namespace, di: DistInfo) -> dict[str, Any]:
                   "versions": {"torch": torch.__version__, "timm": timm.__version__}}
         best_module = ema.module if which == "ema" else model
         if not _all_finite(best_module):
-            raise nonfinite("weights", float("nan"), epoch)
+            raise nonfinite("weights", float("nan"), epoch, at=step)
         if di.is_main:
             save_model(out, best_module, config)
         save_state(epoch + 1, 0, None)
