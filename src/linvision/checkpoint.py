@@ -10,7 +10,9 @@ import io
 import json
 import os
 import random
+import re
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from .errors import LinvisionError  # noqa: E402
 
 __all__ = ["MODEL_FILE", "CONFIG_FILE", "STATE_FILE", "atomic_write", "save_model", "load_model", "load_config",
            "load_state_dict", "check_state_dict", "save_train_state", "load_train_state", "get_rng_states",
-           "set_rng_states"]
+           "set_rng_states", "remove_stale_temp_files"]
 
 MODEL_FILE, CONFIG_FILE, STATE_FILE = "model.safetensors", "config.json", "train_state.pt"
 _UMASK = os.umask(0o22)
@@ -53,6 +55,19 @@ def atomic_write(path: str | Path, data: bytes) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def remove_stale_temp_files(directory: str | Path, names: tuple[str, ...] = ()) -> list[Path]:
+    """Delete the temporary files :func:`atomic_write` leaves behind when killed mid-write (``.NAME.*.tmp`` for
+    each of ``names``, default: the checkpoint files); returns those removed. Call only while no other process
+    writes to ``directory``."""
+    names = names or (MODEL_FILE, CONFIG_FILE, STATE_FILE, "metrics.csv", "curves.png")
+    removed = []
+    for name in names:
+        for p in Path(directory).glob(f".{name}.*.tmp"):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def _tensors_for_save(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -135,7 +150,8 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", shapes)) if keys]
     if problems:
         name = type(model).__name__
-        raise LinvisionError(f"checkpoint {source} does not match model {name}: " + "; ".join(problems))
+        hint = " (the weights of another model?)" if len(missing) > len(expected) / 2 else ""
+        raise LinvisionError(f"checkpoint {source} does not match model {name}: " + "; ".join(problems) + hint)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -166,21 +182,27 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[to
 
 # --------------------------------------------------------------------------------------------------- train state
 def get_rng_states() -> dict[str, Any]:
-    """Python, numpy and torch RNG states as tensors / primitives (safe for ``torch.load(weights_only=True)``)."""
+    """Python, numpy, torch (and, once CUDA is initialized, this device's CUDA) RNG states as tensors / primitives
+    (safe for ``torch.load(weights_only=True)``)."""
     _, mt, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "python": {"state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
-            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                      "cached": float(cached)}}
+    states = {"torch": torch.get_rng_state(),
+              "python": {"state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+              "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                        "cached": float(cached)}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
 
 
 def set_rng_states(states: dict[str, Any]) -> None:
-    """Restore RNG states captured by :func:`get_rng_states`."""
+    """Restore RNG states captured by :func:`get_rng_states` (the CUDA state only where CUDA is available)."""
     torch.set_rng_state(states["torch"])
     random.setstate((3, tuple(states["python"]["state"].tolist()), states["python"]["gauss"]))
     n = states["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if states.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 def save_train_state(directory: str | Path, state: dict[str, Any]) -> None:
@@ -199,12 +221,27 @@ def load_train_state(directory: str | Path) -> dict[str, Any]:
     """Load ``train_state.pt`` from a run folder with ``torch.load(weights_only=True)`` onto the CPU.
 
     Raises:
-        LinvisionError: the file is missing or unreadable.
+        LinvisionError: the folder does not exist or has no ``train_state.pt``, or the file is not a PyTorch zip
+        checkpoint or holds objects other than tensors and plain Python values (one line, naming the file).
     """
-    f = _checkpoint_dir(directory) / STATE_FILE
+    p = Path(directory).expanduser()
+    if not p.exists():
+        raise LinvisionError(f"cannot resume: {p} does not exist")
+    f = (p.parent if p.is_file() else p) / STATE_FILE
     if not f.is_file():
-        raise LinvisionError(f"cannot resume: no {STATE_FILE} in {f.parent}")
+        raise LinvisionError(f"cannot resume: no {STATE_FILE} in {f.parent} (not a linvision run folder, or its "
+                             "first epoch / recovery checkpoint was never written)")
+    if not zipfile.is_zipfile(f):
+        raise LinvisionError(f"cannot read training state {f}: not a PyTorch zip checkpoint (corrupt or not written "
+                             "by linvision)")
     try:
-        return torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle/zip errors come in many types
-        raise LinvisionError(f"cannot read training state {f}: {e}") from None
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle/zip errors come in many types; their messages span lines
+        text = str(e)
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        detail = (f"it holds Python objects that safe loading (weights_only) refuses: {unsafe.group(1)}" if unsafe
+                  else text.strip().splitlines()[0][:300] if text.strip() else type(e).__name__)
+        raise LinvisionError(f"cannot read training state {f}: {detail}") from None
+    if not isinstance(state, dict) or not {"epoch", "args"} <= set(state):
+        raise LinvisionError(f"cannot resume from {f}: it is not a linvision training state")
+    return state

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import sys
 import time
 import warnings
@@ -27,8 +29,9 @@ MAIN_JOB: dict[str, Any] = {
     "img_size": 32,
     "patch_size": 8,         # 4x4 tokens: 10 epochs fit in 10 minutes on 2 CPU cores
     "epochs": 10,
-    "batch_size": 128,
+    "batch_size": 128,       # per process; the global batch is batch_size x processes (torchrun)
     "lr": 1e-3,
+    "lr_base_size": 128,     # --lr is the peak lr at this global batch; scaled linearly with the global batch
     "min_lr": 1e-5,
     "warmup_lr": 1e-5,
     "warmup_epochs": 2,
@@ -50,6 +53,9 @@ MAIN_JOB: dict[str, Any] = {
     "train_subset": None,
     "seed": 0,
     "output": None,          # None: runs/<model>-<YYYYmmdd-HHMMSS>
+    "save_every_steps": 0,   # 0: train_state.pt only at epoch ends; N: also after every N-th optimizer step
+    "device": "auto",        # cuda:LOCAL_RANK if CUDA is available, else cpu
+    "amp": False,            # mixed precision: float16 + grad scaler on CUDA, bfloat16 on CPU
 }
 
 _TRAIN_EPILOG = """examples:
@@ -59,11 +65,18 @@ _TRAIN_EPILOG = """examples:
   linvision train --data ../shared/data/imagenette-224.tar.gz --img-size 128 --patch-size 16
   linvision train --resume runs/quick --epochs 10     # continue (and extend) a run
   linvision train --max-steps 20 --train-subset 256 --no-ema --output /tmp/smoke
+  linvision train --save-every-steps 50 --output runs/long         # pre-emptible: a recovery point every 50 steps
+  torchrun --nproc_per_node 4 -m linvision train --batch-size 64   # 4 processes (GPUs), global batch 256
 
 --data accepts a folder DATA/train/<class>/<image> + DATA/test/<class>/<image> (or val/), a folder holding
 one such folder, or a .tar/.tar.gz/.tgz of either (extracted once to $LINVISION_CACHE/datasets or
 ~/.cache/linvision/datasets). Every epoch writes model.safetensors, config.json, train_state.pt, metrics.csv
-and curves.png to the output folder (atomically)."""
+and curves.png to the output folder (atomically: temp file, fsync, rename); --save-every-steps N also rewrites
+train_state.pt after every N-th step. --resume DIR continues exactly where DIR's train_state.pt left off, also
+after a kill in the middle of an epoch.
+
+Under torchrun (WORLD_SIZE > 1) training is data-parallel (DDP; nccl on CUDA, gloo on CPU): --batch-size is per
+process, the peak learning rate is --lr x global batch / --lr-base-size, and only rank 0 writes."""
 
 _EVAL_EPILOG = """examples:
   linvision eval --checkpoint runs/quick
@@ -71,7 +84,8 @@ _EVAL_EPILOG = """examples:
   linvision eval --checkpoint runs/quick --data ../shared/data/cifar10-jpeg.tar.gz
 
 Evaluates on the test/ (or val/) split; the default data is the embedded CIFAR-10 subset's test split.
---json prints exactly one JSON object on stdout: top1, top5 (percent), loss, n, per_class, checkpoint, data."""
+--json prints exactly one JSON object on stdout: top1, top5 (percent), loss, n, skipped (unreadable images),
+per_class, checkpoint, data."""
 
 _PREDICT_EPILOG = """examples:
   linvision predict --checkpoint runs/quick cat.jpg dog.png
@@ -92,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show full tracebacks for errors")
     common.add_argument("--threads", type=int, default=argparse.SUPPRESS,
-                        help="torch CPU threads (default: all cores)")
+                        help="torch CPU threads (default: all cores; under torchrun: shared by the node's processes)")
     common.add_argument("--workers", type=int, default=argparse.SUPPRESS,
                         help="data-loader worker processes (default: min(2, cores))")
     fmt = argparse.RawDescriptionHelpFormatter
@@ -115,8 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--img-size", type=int, help=f"input resolution [{d['img_size']}]")
     t.add_argument("--patch-size", type=int, help=f"patch size for ViT-style models [{d['patch_size']}]")
     t.add_argument("--epochs", type=int, help=f"[{d['epochs']}]")
-    t.add_argument("--batch-size", type=int, help=f"[{d['batch_size']}]")
-    t.add_argument("--lr", type=float, help=f"peak learning rate [{d['lr']}]")
+    t.add_argument("--batch-size", type=int, help=f"images per step and process [{d['batch_size']}]")
+    t.add_argument("--lr", type=float, help=f"peak learning rate at a global batch of --lr-base-size [{d['lr']}]")
+    t.add_argument("--lr-base-size", type=int, metavar="N",
+                   help="global batch (--batch-size x processes) that --lr is meant for; the peak lr used is "
+                        f"--lr x global batch / N (linear scaling) [{d['lr_base_size']}]")
     t.add_argument("--min-lr", type=float, help=f"final cosine learning rate [{d['min_lr']}]")
     t.add_argument("--warmup-lr", type=float, help=f"learning rate at step 0 [{d['warmup_lr']}]")
     t.add_argument("--warmup-epochs", type=float, help=f"linear warmup epochs (may be fractional) [{d['warmup_epochs']}]")
@@ -139,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-steps", type=int, metavar="N",
                    help="stop after N optimizer steps of this invocation (ends that epoch early, saves, stops)")
     t.add_argument("--train-subset", type=int, metavar="N", help="train on a class-balanced subset of N images")
+    t.add_argument("--save-every-steps", type=int, metavar="N",
+                   help="also write the resumable train_state.pt after every N-th optimizer step, 0 = only at "
+                        f"epoch ends [{d['save_every_steps']}]")
+    t.add_argument("--device", choices=("auto", "cpu", "cuda"),
+                   help=f"auto: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu [{d['device']}]")
+    t.add_argument("--amp", action=argparse.BooleanOptionalAction,
+                   help="mixed precision: float16 with a grad scaler on CUDA, bfloat16 on CPU "
+                        f"[{'on' if d['amp'] else 'off'}]")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", parents=[common], formatter_class=fmt, epilog=_EVAL_EPILOG,
@@ -178,10 +203,26 @@ def train_args(given: dict[str, Any]) -> argparse.Namespace:
     return argparse.Namespace(**{k: merged.get(k) for k in list(MAIN_JOB) + ["resume"]})
 
 
+def _positive(given: dict[str, Any]) -> None:
+    """One-line errors for numeric ``train`` options out of range (argparse only checks the type)."""
+    for k in ("epochs", "batch_size", "img_size", "patch_size", "lr_base_size", "train_subset", "max_steps"):
+        if given.get(k) is not None and given[k] <= 0:
+            raise LinvisionError(f"--{k.replace('_', '-')} must be positive (got {given[k]})")
+    for k in ("save_every_steps", "workers", "threads", "warmup_epochs", "clip_grad"):
+        if given.get(k) is not None and given[k] < 0:
+            raise LinvisionError(f"--{k.replace('_', '-')} must not be negative (got {given[k]})")
+    for k in ("lr", "min_lr", "warmup_lr", "weight_decay", "warmup_epochs", "clip_grad", "drop_path"):
+        if given.get(k) is not None and not math.isfinite(given[k]):
+            raise LinvisionError(f"--{k.replace('_', '-')} must be a finite number (got {given[k]})")
+
+
 def _cmd_train(ns: argparse.Namespace) -> int:
     from .engine import train
     given = {k: v for k, v in vars(ns).items() if k not in ("func", "command")}
+    _positive(given)
     summary = train(train_args(given))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     t = summary["test"]
     print(f"done: epoch {summary['epoch']}, step {summary['step']}, test top-1 {t['top1']:.2f}% top-5 {t['top5']:.2f}% "
           f"loss {t['loss']:.4f} (best top-1 {summary['best_top1']:.2f}%) -> {summary['output']}")
@@ -198,8 +239,11 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
     loader = build_eval_loader(root, config["data_config"], ns.batch_size, classes=config.get("class_names"),
                                num_workers=getattr(ns, "workers", None))
     m = evaluate(model, loader, config.get("class_names"))
+    if m["skipped"]:
+        logging.getLogger("linvision").warning("%d unreadable image(s) skipped", m["skipped"])
     if ns.json:
         print(json.dumps({"top1": m["top1"], "top5": m["top5"], "loss": m["loss"], "n": m["n"],
+                          "skipped": m["skipped"],
                           "per_class": m["per_class"], "checkpoint": str(ns.checkpoint), "model": config["model"],
                           "data": str(loader.dataset.root)}))
         return 0
@@ -259,7 +303,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LinvisionError as e:
         if debug:
             raise
-        print(f"linvision: error: {e}", file=sys.stderr)
+        msg = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())  # always one line
+        rank = int(os.environ.get("RANK", "0"))
+        print(f"linvision: error: {f'[rank {rank}] ' if rank else ''}{msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("linvision: interrupted", file=sys.stderr)

@@ -279,23 +279,44 @@ def collate_skip_none(batch: list) -> Any:
 class SeededSampler(Sampler):
     """Yields ``(index, sample_seed)`` for ``indices``, shuffled (optionally) by a generator seeded from
     ``(seed, epoch)``; call :meth:`set_epoch` before each epoch. Runs in the main process, so it works with
-    persistent workers."""
+    persistent workers.
 
-    def __init__(self, indices: Sequence[int], seed: int = 0, shuffle: bool = True):
+    Distributed (``num_replicas`` > 1), it follows ``torch.utils.data.DistributedSampler``: the epoch's list is
+    padded by repeating its start to a multiple of ``num_replicas`` and rank ``r`` takes every
+    ``num_replicas``-th pair from position ``r``. The order and the per-sample seeds do not depend on the number
+    of replicas, so batch ``k`` of the ranks together holds exactly batch ``k`` of a single process whose batch is
+    ``num_replicas`` times larger. ``set_epoch(epoch, start)`` skips the first ``start`` pairs of this rank's
+    share (resuming inside an epoch); ``len()`` counts what is left.
+    """
+
+    def __init__(self, indices: Sequence[int], seed: int = 0, shuffle: bool = True, num_replicas: int = 1,
+                 rank: int = 0):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} not in [0, {num_replicas})")
         self.indices, self.seed, self.shuffle, self.epoch = list(indices), seed, shuffle, 0
+        self.num_replicas, self.rank, self.start = num_replicas, rank, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    @property
+    def num_samples(self) -> int:
+        """Pairs per replica in a whole epoch (padding included)."""
+        return -(-len(self.indices) // self.num_replicas)
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return max(0, self.num_samples - self.start)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         n = len(self.indices)
         order = torch.randperm(n, generator=g).tolist() if self.shuffle else range(n)
         seeds = torch.randint(0, 2**31 - 1, (n,), generator=g).tolist()
-        return iter([(self.indices[i], s) for i, s in zip(order, seeds)])
+        pairs = [(self.indices[i], s) for i, s in zip(order, seeds)]
+        if self.num_replicas > 1 and pairs:
+            total = self.num_samples * self.num_replicas
+            pairs = (pairs * -(-total // n))[:total][self.rank::self.num_replicas]
+        return iter(pairs[self.start:])
 
 
 def stratified_subset(targets: Sequence[int], n: int, seed: int = 0) -> list[int]:
@@ -374,11 +395,13 @@ def default_workers() -> int:
     return min(2, os.cpu_count() or 1)
 
 
-def _loader(ds: Dataset, batch_size: int, sampler: Sampler | None, num_workers: int | None, drop_last: bool):
+def _loader(ds: Dataset, batch_size: int, sampler: Any, num_workers: int | None, drop_last: bool, seed: int = 0):
     workers = default_workers() if num_workers is None else num_workers
+    # Own generator: creating an iterator (workers' base seed) never draws from the global torch RNG, which then
+    # depends only on the training loop (see engine.train) - not on the number of workers or on resuming.
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
                       collate_fn=collate_skip_none, persistent_workers=workers > 0,
-                      prefetch_factor=4 if workers > 0 else None)
+                      prefetch_factor=4 if workers > 0 else None, generator=torch.Generator().manual_seed(seed))
 
 
 def build_train_loader(
@@ -393,11 +416,14 @@ def build_train_loader(
     auto_augment: str | None = None,
     re_prob: float = 0.0,
     scale: tuple[float, float] | None = None,
+    num_replicas: int = 1,
+    rank: int = 0,
 ) -> DataLoader:
     """Shuffled, augmented loader over ``root/train`` yielding ``(images [B,3,H,W] float, targets [B] int64)``
     (or ``None`` for an all-unreadable batch). ``loader.sampler`` is a :class:`SeededSampler`; call its
     ``set_epoch(e)`` each epoch. ``subset`` keeps a class-balanced seeded subset of that many images. The last
-    incomplete batch is dropped when at least one full batch exists.
+    incomplete batch is dropped when at least one full batch exists. With ``num_replicas`` > 1 (distributed
+    training) this rank loads its share of every epoch, ``batch_size`` images per batch.
 
     ``data_config`` keys: ``input_size`` (C,H,W), ``mean``, ``std``, ``interpolation``, ``small_images``.
     """
@@ -407,7 +433,8 @@ def build_train_loader(
                           auto_augment=auto_augment, re_prob=re_prob, scale=scale)
     ds = ImageFolder(split_dir(root, "train"), tf, classes)
     idx = stratified_subset(ds.targets, subset, seed) if subset else range(len(ds))
-    return _loader(ds, batch_size, SeededSampler(idx, seed), num_workers, drop_last=len(idx) >= batch_size)
+    sampler = SeededSampler(idx, seed, num_replicas=num_replicas, rank=rank)
+    return _loader(ds, batch_size, sampler, num_workers, drop_last=sampler.num_samples >= batch_size, seed=seed)
 
 
 def build_eval_loader(
@@ -418,14 +445,19 @@ def build_eval_loader(
     classes: Sequence[str] | None = None,
     num_workers: int | None = None,
     split: str = "eval",
+    num_replicas: int = 1,
+    rank: int = 0,
 ) -> DataLoader:
     """Ordered, non-augmented loader over the eval split (``test/`` or ``val/``) — or ``split="train"`` — using the
-    eval transform of :func:`build_transforms` (``data_config`` also needs ``crop_pct``)."""
+    eval transform of :func:`build_transforms` (``data_config`` also needs ``crop_pct``). With ``num_replicas`` > 1
+    rank ``r`` loads images ``r, r + num_replicas, ...`` (no padding: every image is evaluated exactly once over
+    all ranks; reduce the sums, as :func:`linvision.engine.evaluate` does with ``distributed=True``)."""
     tf = build_transforms(data_config["input_size"][-1], False, data_config["mean"], data_config["std"],
                           small_images=data_config.get("small_images", False), crop_pct=data_config.get("crop_pct"),
                           interpolation=data_config.get("interpolation", "bicubic"))
     ds = ImageFolder(split_dir(root, split), tf, classes)
-    return _loader(ds, batch_size, None, num_workers, drop_last=False)
+    sampler = range(rank, len(ds), num_replicas) if num_replicas > 1 else None
+    return _loader(ds, batch_size, sampler, num_workers, drop_last=False)
 
 
 def build_loaders(
@@ -437,12 +469,16 @@ def build_loaders(
     seed: int = 0,
     train_subset: int | None = None,
     eval_batch_size: int | None = None,
+    num_replicas: int = 1,
+    rank: int = 0,
     **train_kwargs,
 ) -> tuple[DataLoader, DataLoader, list[str]]:
     """``(train_loader, eval_loader, class_names)`` for a data-set root from :func:`resolve_data_root`; the eval
-    split uses the train split's class list. Extra keyword arguments go to :func:`build_train_loader`."""
+    split uses the train split's class list. Extra keyword arguments go to :func:`build_train_loader`;
+    ``num_replicas``/``rank`` shard both loaders (distributed training)."""
     train = build_train_loader(root, data_config, batch_size, num_workers=num_workers, seed=seed,
-                               subset=train_subset, **train_kwargs)
+                               subset=train_subset, num_replicas=num_replicas, rank=rank, **train_kwargs)
     classes = train.dataset.classes
-    ev = build_eval_loader(root, data_config, eval_batch_size or batch_size, classes=classes, num_workers=num_workers)
+    ev = build_eval_loader(root, data_config, eval_batch_size or batch_size, classes=classes, num_workers=num_workers,
+                           num_replicas=num_replicas, rank=rank)
     return train, ev, classes
