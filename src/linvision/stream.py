@@ -331,9 +331,11 @@ def peak_rss_mib() -> float:
     return r / 2 ** 20 if sys.platform == "darwin" else r / 2 ** 10
 
 
-def predict_stream(model, config: dict, paths: Sequence[Union[str, Path]], top_k: int = 5) -> list:
+def predict_stream(model, config: dict, paths: Sequence[Union[str, Path]], top_k: int = 5,
+                   chunk_size: Optional[int] = 256) -> list:
     """``linvision predict --stream``: classify each image file at its **native** resolution (no resize or crop)
-    with ``model.forward_stream``, normalized with the checkpoint's mean/std.
+    with ``model.forward_stream``, normalized with the checkpoint's mean/std; ``chunk_size`` tokens per chunk for
+    ViR (the same logits as any other chunk size; larger is faster on CPU).
 
     Returns:
         One dict per image: ``{"image", "size": [W, H], "tokens", "seconds", "peak_rss_mib", "predictions":
@@ -353,7 +355,8 @@ def predict_stream(model, config: dict, paths: Sequence[Union[str, Path]], top_k
         src = open_row_source(p)
         t0 = time.perf_counter()
         try:
-            probs = model.forward_stream(src, mean=dc.get("mean"), std=dc.get("std")).float().softmax(dim=1)[0]
+            kw = {"chunk_size": chunk_size} if model.class_token else {}  # 2D retention streams whole rows
+            probs = model.forward_stream(src, mean=dc.get("mean"), std=dc.get("std"), **kw).float().softmax(dim=1)[0]
         except (OSError, SyntaxError, ValueError) as e:
             raise LinvisionError(f"cannot decode image {p}: {e}") from None
         finally:

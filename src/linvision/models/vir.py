@@ -196,7 +196,8 @@ class VisionRetention(nn.Module):
 
     @torch.no_grad()
     def forward_stream(self, source, mean: Optional[Tuple[float, ...]] = None, std: Optional[Tuple[float, ...]] = None,
-                       height: Optional[int] = None, pre_logits: bool = False) -> torch.Tensor:
+                       height: Optional[int] = None, pre_logits: bool = False,
+                       chunk_size: Optional[int] = None) -> torch.Tensor:
         """Classify one image of any size from a lazily read ``source``, one row of patches at a time.
 
         Patch tokens are made from one row's pixel strip at a time, ``chunk_size`` tokens at a time, and the token
@@ -213,6 +214,8 @@ class VisionRetention(nn.Module):
                 of strips ``[h_i, W, C]`` with ``height``.
             mean, std: normalization of integer pixels (default: the model's ``pretrained_cfg``).
             pre_logits: return the pooled features ``[1, C]`` instead of logits.
+            chunk_size: tokens per chunk (default: the model's ``chunk_size``); larger chunks mean fewer, larger
+                operations (faster on CPU) and a larger constant working set.
 
         Returns:
             logits ``[1, num_classes]`` (float32).
@@ -224,28 +227,29 @@ class VisionRetention(nn.Module):
             raise ValueError("forward_stream needs global_pool 'token_last' or 'avg'")
         emb = self._row_embed(source, mean, std, height)
         states: list = [None] * len(self.blocks)
+        chunk = chunk_size or self.chunk_size
 
-        def feed(h: torch.Tensor) -> torch.Tensor:
+        def feed(h: torch.Tensor) -> torch.Tensor:  # one chunk: the parallel form with the carried-in state
             for i, blk in enumerate(self.blocks):
-                h, states[i] = blk(h, "chunkwise", states[i], output_final_state=True)
+                h, states[i] = blk(h, "parallel", states[i], output_final_state=True)
             return h
 
         pooled, pending = None, []  # pending: token segments not yet fed, fewer than chunk_size in total
         n_pending = 0
-        segments = (emb.row(r, c0, min(emb.cols, c0 + self.chunk_size))
-                    for r in range(emb.rows) for c0 in range(0, emb.cols, self.chunk_size))
+        segments = (emb.row(r, c0, min(emb.cols, c0 + chunk))
+                    for r in range(emb.rows) for c0 in range(0, emb.cols, chunk))
         for seg in itertools.chain(segments, [None]):
             if seg is not None:
                 pending.append(seg)
                 n_pending += seg.shape[1]
-            while n_pending >= self.chunk_size or (seg is None and n_pending):
+            while n_pending >= chunk or (seg is None and n_pending):
                 # full chunks of the token sequence, across row boundaries: the working set is one chunk
                 buf = torch.cat(pending, dim=1) if len(pending) > 1 else pending[0]
-                h = self.norm(feed(buf[:, :self.chunk_size]))
+                h = self.norm(feed(buf[:, :chunk]))
                 if self.global_pool == "avg":
                     pooled = h.sum(1) if pooled is None else pooled + h.sum(1)
-                pending = [buf[:, self.chunk_size:]] if buf.shape[1] > self.chunk_size else []
-                n_pending = max(0, n_pending - self.chunk_size)
+                pending = [buf[:, chunk:]] if buf.shape[1] > chunk else []
+                n_pending = max(0, n_pending - chunk)
         cls = self.norm(feed(self.cls_token))[:, 0]
         x = cls if self.global_pool == "token_last" else pooled / (emb.rows * emb.cols)
         x = self.head_drop(x)
