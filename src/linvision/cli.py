@@ -50,6 +50,7 @@ MAIN_JOB: dict[str, Any] = {
     "train_subset": None,
     "seed": 0,
     "output": None,          # None: runs/<model>-<YYYYmmdd-HHMMSS>
+    "arch": None,            # ViT-ResNAS architecture (from --arch FILE, e.g. `linvision search`'s best.json)
 }
 
 _TRAIN_EPILOG = """examples:
@@ -138,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-steps", type=int, metavar="N",
                    help="stop after N optimizer steps of this invocation (ends that epoch early, saves, stops)")
     t.add_argument("--train-subset", type=int, metavar="N", help="train on a class-balanced subset of N images")
+    t.add_argument("--arch", metavar="FILE", help="ViT-ResNAS architecture JSON (e.g. `linvision search`'s "
+                                                  "best.json); sets --model/--img-size unless given")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", parents=[common], formatter_class=fmt, epilog=_EVAL_EPILOG,
@@ -155,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5, help="classes shown per image [5]")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=_cmd_predict)
+
+    from .nas.cli import add_nas_commands  # ViT-ResNAS pipeline: `supernet train`, `search`
+    add_nas_commands(sub, common, fmt)
     return parser
 
 
@@ -177,6 +183,9 @@ def train_args(given: dict[str, Any]) -> argparse.Namespace:
 def _cmd_train(ns: argparse.Namespace) -> int:
     from .engine import train
     given = {k: v for k, v in vars(ns).items() if k not in ("func", "command")}
+    if given.get("arch"):
+        from .nas.cli import arch_train_args
+        given = arch_train_args(given)
     summary = train(train_args(given))
     t = summary["test"]
     print(f"done: epoch {summary['epoch']}, step {summary['step']}, test top-1 {t['top1']:.2f}% top-5 {t['top5']:.2f}% "

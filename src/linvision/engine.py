@@ -69,10 +69,12 @@ def check_model_name(name: str) -> None:
 
 
 def create_model(name: str, num_classes: int, img_size: int | None = None, patch_size: int | None = None,
-                 drop_path_rate: float = 0.0) -> tuple[torch.nn.Module, dict[str, Any]]:
+                 drop_path_rate: float = 0.0, extra_kwargs: dict[str, Any] | None = None
+                 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """``timm.create_model(name, pretrained=False, ...)`` → ``(model, model_args)``.
 
-    ``img_size``/``patch_size``/``drop_path_rate`` are passed only when set (``drop_path_rate`` only if > 0).
+    ``img_size``/``patch_size``/``drop_path_rate`` are passed only when set (``drop_path_rate`` only if > 0);
+    ``extra_kwargs`` (e.g. a ViT-ResNAS ``arch``) are passed as given.
     A model without an ``img_size`` or ``patch_size`` argument (a CNN) is built without it (logged): it takes
     any input size, which the data transform sets. ``model_args`` are the keyword arguments actually used (stored
     in ``config.json`` to rebuild the model).
@@ -81,7 +83,7 @@ def create_model(name: str, num_classes: int, img_size: int | None = None, patch
         LinvisionError: unknown model, or an argument the model does not accept.
     """
     check_model_name(name)
-    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    kwargs: dict[str, Any] = {"num_classes": num_classes, **(extra_kwargs or {})}
     for k, v in (("img_size", img_size), ("patch_size", patch_size), ("drop_path_rate", drop_path_rate or None)):
         if v is not None:
             kwargs[k] = v
@@ -256,7 +258,8 @@ def train(args: Namespace) -> dict[str, Any]:
         root, data_config, args.batch_size, num_workers=args.workers, seed=args.seed, train_subset=args.train_subset,
         auto_augment=args.auto_augment, re_prob=args.re_prob)
     random_seed(args.seed)
-    model, model_args = create_model(args.model, len(classes), args.img_size, args.patch_size, args.drop_path)
+    model, model_args = create_model(args.model, len(classes), args.img_size, args.patch_size, args.drop_path,
+                                     {"arch": args.arch} if getattr(args, "arch", None) else None)
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = len(train_loader)
     scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=args.epochs,

@@ -13,7 +13,8 @@ An architecture ("arch") is a JSON-ready dict::
      "head_dims": [d1, d2, d3],         # per-stage head dimension
      "heads": [[h, ...], [...], [...]], # per block
      "mlp": [[m, ...], [...], [...]],   # per block MLP hidden size
-     "present": [[bool, ...], ...]}     # optional: blocks with False are left out (super-network sub-networks)
+     "present": [[bool, ...], ...],     # optional: blocks with False are left out (super-network sub-networks)
+     "stem_chans": 24}                  # optional: conv-stem mid channels (default 24)
 
 Model contract as timm's: ``forward_features -> [B, 1 + N, C3]`` (final-normed tokens, class token first),
 ``forward_head(pre_logits=)``, ``reset_classifier``, ``no_weight_decay``; the training-only per-token head of the
@@ -81,7 +82,10 @@ def normalize_arch(arch: Dict[str, Any]) -> Dict[str, Any]:
         raise ValueError("arch: every width, head count, head_dim and MLP size must be >= 1")
     if any(b < a for a, b in zip(dims, dims[1:])):
         raise ValueError(f"arch: stage widths must not shrink (residual spatial reduction zero-pads): {dims}")
-    return {"dims": dims, "head_dims": head_dims, "heads": heads, "mlp": mlp, "present": present}
+    out = {"dims": dims, "head_dims": head_dims, "heads": heads, "mlp": mlp, "present": present}
+    if arch.get("stem_chans") is not None:
+        out["stem_chans"] = int(arch["stem_chans"])
+    return out
 
 
 def load_arch(arch: Union[str, Path, Dict[str, Any]]) -> Dict[str, Any]:
@@ -190,7 +194,8 @@ class ResidualSpatialReduction(nn.Module):
         self.patch_reduce = nn.Conv2d(in_dim, out_dim, kernel_size=3, stride=2, padding=1)
         self.token_transform = nn.Linear(in_dim, out_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, (grid[0] // 2) * (grid[1] // 2), out_dim))
-        trunc_normal_(self.pos_embed, std=.02)
+        if self.pos_embed.device.type != "meta":  # built on meta: weights are loaded afterwards
+            trunc_normal_(self.pos_embed, std=.02)
 
     def forward(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         B, T, C = x.shape
@@ -222,7 +227,7 @@ class ResNAS(nn.Module):
         img_size: default input size, a multiple of 56 (sets the pos-embed grids); else ValueError.
         in_chans, num_classes: input channels, classes (0: no head).
         global_pool: ``'token'`` (official: the class token) or ``'avg'`` (mean of patch tokens) or ``''``.
-        stem_chans: mid channels of the conv stem (official 24).
+        stem_chans: mid channels of the conv stem (default: the arch's ``stem_chans``, else the official 24).
         drop_rate, pos_drop_rate, proj_drop_rate, attn_drop_rate: dropouts (head, pos-embed, projections,
             attention weights).
         drop_path_rate: stochastic depth, linear from 0 over all blocks.
@@ -234,7 +239,8 @@ class ResNAS(nn.Module):
     """
 
     def __init__(self, arch: Union[Dict[str, Any], str, Path], img_size: Union[int, Tuple[int, int]] = 224,
-                 in_chans: int = 3, num_classes: int = 1000, global_pool: str = "token", stem_chans: int = 24,
+                 in_chans: int = 3, num_classes: int = 1000, global_pool: str = "token",
+                 stem_chans: Optional[int] = None,
                  drop_rate: float = 0., pos_drop_rate: float = 0., proj_drop_rate: float = 0.,
                  attn_drop_rate: float = 0., drop_path_rate: float = 0., patch_output: bool = False):
         super().__init__()
@@ -248,14 +254,14 @@ class ResNAS(nn.Module):
         self.num_features = self.head_hidden_size = dims[-1]
         self.num_prefix_tokens = 1
         self.grad_checkpointing = False
-        self.patch_embed = ConvStem(in_chans, dims[0], stem_chans)
+        self.patch_embed = ConvStem(in_chans, dims[0], stem_chans or arch.get("stem_chans", 24))
         grid = (img_size[0] // PATCH_SIZE, img_size[1] // PATCH_SIZE)
         self.grid_size = grid
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dims[0]))
         self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1] + 1, dims[0]))
         self.pos_drop = nn.Dropout(pos_drop_rate)
         kept = [[j for j, p in enumerate(pr) if p] for pr in arch["present"]]
-        dpr = iter(torch.linspace(0, drop_path_rate, max(sum(map(len, kept)), 1)).tolist())
+        dpr = iter(torch.linspace(0, drop_path_rate, max(sum(map(len, kept)), 1), device="cpu").tolist())
         stages = []
         for s, c in enumerate(dims):
             red = None
@@ -272,9 +278,10 @@ class ResNAS(nn.Module):
         self.patch_head = nn.Linear(dims[-1], num_classes) if patch_output and num_classes > 0 else None
         # official init: trunc-normal(0.02) tokens / pos-embeds / Linear weights, zero Linear biases,
         # LayerNorm 1/0, Conv2d & BatchNorm torch defaults
-        trunc_normal_(self.pos_embed, std=.02)
-        trunc_normal_(self.cls_token, std=.02)
-        self.apply(init_linear_trunc_normal)
+        if self.pos_embed.device.type != "meta":  # built on meta: weights are loaded afterwards
+            trunc_normal_(self.pos_embed, std=.02)
+            trunc_normal_(self.cls_token, std=.02)
+            self.apply(init_linear_trunc_normal)
 
     # ------------------------------------------------------------------ timm contract
     @torch.jit.ignore

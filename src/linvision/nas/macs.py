@@ -8,7 +8,7 @@ counter); :func:`analytic_macs` gives the same number from the architecture alon
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -38,16 +38,18 @@ def count_macs(model: torch.nn.Module, input_size: Union[int, Sequence[int]] = 2
 
 
 def analytic_macs(arch: Dict[str, Any], img_size: Union[int, Tuple[int, int]] = 224, num_classes: int = 1000,
-                  in_chans: int = 3, stem_chans: int = 24, normalized: bool = False) -> int:
+                  in_chans: int = 3, stem_chans: Optional[int] = None, normalized: bool = False) -> int:
     """MACs of the ViT-ResNAS network ``arch`` (blocks with ``present=False`` cost nothing) at ``img_size``.
 
     Per block with ``n`` tokens, width ``C``, attention width ``A = heads·head_dim`` and MLP hidden ``M``:
     ``qkv n·C·3A + scores n²·A + weighted sum n²·A + proj n·A·C + MLP 2·n·C·M``; stem convolutions; each residual
     spatial reduction ``(h/2·w/2)·9·C_in·C_out`` (conv) ``+ C_in·C_out`` (class token); head ``C3·classes``.
-    Equals :func:`count_macs` of the built network (tested). ``normalized=True`` skips re-validating ``arch``.
+    Equals :func:`count_macs` of the built network (tested). ``stem_chans``: default the arch's, else 24.
+    ``normalized=True`` skips re-validating ``arch``.
     """
     if not normalized:
         arch = normalize_arch(arch)
+    stem_chans = stem_chans or arch.get("stem_chans", 24)
     H, W = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     _check_size(H, W, "img_size")
     h2, w2 = (H + 1) // 2, (W + 1) // 2                  # conv1: 3x3 stride 2 pad 1

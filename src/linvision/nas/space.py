@@ -147,6 +147,8 @@ class SearchSpace:
     def check(self, arch: Arch) -> Arch:
         """Validated, normalized copy of ``arch``; ValueError (naming the gene) if it is not in this space."""
         arch = normalize_arch(arch)
+        if arch.pop("stem_chans", self.stem_chans) != self.stem_chans:
+            raise ValueError(f"arch stem_chans differs from space {self.name}'s {self.stem_chans}")
         if arch["head_dims"] != list(self.head_dims):
             raise ValueError(f"arch head_dims {arch['head_dims']} != space {self.name} {list(self.head_dims)}")
         if [len(h) for h in arch["heads"]] != list(self.depths):

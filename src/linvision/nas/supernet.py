@@ -256,8 +256,9 @@ class ResNASSuperNet(ResNAS):
                     stem_chans=self.space.stem_chans, patch_output=self.patch_head is not None,
                     in_chans=self.patch_embed.conv1.conv.in_channels)
         args.update(kwargs)
-        net = ResNAS(copy.deepcopy(arch), **args)
-        net.load_state_dict(self.subnet_state_dict(arch), strict=True)
+        with torch.device("meta"):  # no initialization work: every tensor comes from the super-network
+            net = ResNAS(copy.deepcopy(arch), **args)
+        net.load_state_dict(self.subnet_state_dict(arch), strict=True, assign=True)
         p = next(self.parameters())
         return net.to(device=p.device, dtype=p.dtype).train(self.training)
 
