@@ -171,3 +171,50 @@ def test_evolution_operators():
     for g, v in zip(sp.genes(), sp.encode(child)):
         assert v in (evo._get(first[0].arch, g), evo._get(first[1].arch, g)) or g.kind in ("heads", "mlp")
     assert pareto_front([(1, 50), (2, 40), (2, 60), (3, 60), (0.5, 10)]) == [4, 0, 2]
+
+
+@pytest.mark.slow
+def test_demo_script_smoke(tiny_data, tmp_path):
+    """scripts/resnas_demo.sh end to end with tiny settings (the real demo: see the README); slow only because
+    it starts six Python processes."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    import linvision
+    script = Path(__file__).resolve().parents[1] / "scripts" / "resnas_demo.sh"
+    src = str(Path(linvision.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "DATA": str(tiny_data),
+           "OUT": str(tmp_path / "demo"), "SPACE": "test", "SN_EPOCHS": "1", "SN_BATCH": "4", "ARCHS_PER_STEP": "2",
+           "HOLDOUT": "4", "MACS": BUDGET, "POPULATION": "4", "ITERATIONS": "2", "TOP_K": "2", "CHILDREN": "2",
+           "HOLDOUT_LIMIT": "4", "RANDOM_ARCHS": "1", "RT_EPOCHS": "1", "RT_BATCH": "4", "RETRAIN_RANDOM": "1",
+           "EXTRA": "--workers 0 --threads 1", "RT_EXTRA": "--max-steps 1"}
+    res = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = (tmp_path / "demo" / "summary.md").read_text()
+    assert "| searched winner |" in summary and "| random 0 |" in summary and "winner" in summary.splitlines()[-1]
+    assert (tmp_path / "demo" / "random_0" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks(tiny_data, tmp_path):
+    """Super-network training (DDP, Gloo) and sharded search evaluation under torchrun with 2 processes."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import linvision
+    src = str(Path(linvision.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    tr = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29547", "-m",
+          "linvision"]
+    res = subprocess.run(tr + ["supernet", "train", *SN, "--data", str(tiny_data), "--epochs", "1", "--output",
+                               str(tmp_path / "sn")], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("done:") == 1 and "x 2 rank(s)" in res.stderr
+    res = subprocess.run(tr + ["search", "--supernet", str(tmp_path / "sn"), "--macs", BUDGET, *SEARCH,
+                               "--output", str(tmp_path / "se")], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    hist = read_history(tmp_path / "se" / "history.csv")
+    assert len(hist) == 8 + 2 * 6 and len({SPACES["test"].encode(h["arch"]) for h in hist}) == len(hist)

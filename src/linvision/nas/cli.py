@@ -118,6 +118,9 @@ def _cmd_supernet_train(ns: argparse.Namespace) -> int:
     from .train import supernet_args, train_supernet
     given = {k: v for k, v in vars(ns).items() if k not in ("func", "command", "supernet_command", "debug")}
     r = train_supernet(supernet_args(given))
+    from . import dist
+    if not dist.is_main():
+        return 0
     print(f"done: epoch {r['epoch']}, step {r['step']}, held-out top-1 largest "
           f"{r.get('holdout_top1_largest', float('nan')):.2f}% smallest "
           f"{r.get('holdout_top1_smallest', float('nan')):.2f}% -> {r['output']}")
@@ -143,6 +146,9 @@ def _cmd_search(ns: argparse.Namespace) -> int:
     if merged["output"] is None:
         merged["output"] = str(Path("runs") / f"search-{time.strftime('%Y%m%d-%H%M%S')}")
     r = run_search(argparse.Namespace(**merged))
+    from . import dist
+    if not dist.is_main():
+        return 0
     lat = f", {r['latency_ms']:.3f} ms" if r.get("latency_ms") is not None else ""
     print(f"done: best held-out top-1 {r['top1']:.2f}% at {r['macs'] / 1e6:.2f} MMACs{lat} (iteration "
           f"{r['iteration']}) -> {Path(r['output']) / 'best.json'}")
