@@ -218,3 +218,13 @@ def test_torchrun_two_ranks(tiny_data, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     hist = read_history(tmp_path / "se" / "history.csv")
     assert len(hist) == 8 + 2 * 6 and len({SPACES["test"].encode(h["arch"]) for h in hist}) == len(hist)
+
+
+def test_help_has_examples(capsys):
+    for cmd in (["supernet", "train"], ["search"]):
+        with pytest.raises(SystemExit) as e:
+            main([*cmd, "--help"])
+        assert e.value.code == 0 and "examples:" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["supernet"])
+    assert e.value.code == 2

@@ -42,8 +42,8 @@ def analytic_macs(arch: Dict[str, Any], img_size: Union[int, Tuple[int, int]] = 
     """MACs of the ViT-ResNAS network ``arch`` (blocks with ``present=False`` cost nothing) at ``img_size``.
 
     Per block with ``n`` tokens, width ``C``, attention width ``A = heads·head_dim`` and MLP hidden ``M``:
-    ``qkv n·C·3A + scores n²·A + weighted sum n²·A + proj n·A·C + MLP 2·n·C·M``; stem convolutions; each residual
-    spatial reduction ``(h/2·w/2)·9·C_in·C_out`` (conv) ``+ C_in·C_out`` (class token); head ``C3·classes``.
+    ``qkv n·C·3A + scores n²·A + weighted sum n²·A + proj n·A·C + MLP 2·n·C·M``; stem convolutions; each
+    residual spatial reduction ``(h/2·w/2)·9·C_in·C_out`` (conv) ``+ C_in·C_out`` (class token); head ``C3·classes``.
     Equals :func:`count_macs` of the built network (tested). ``stem_chans``: default the arch's, else 24.
     ``normalized=True`` skips re-validating ``arch``.
     """

@@ -463,7 +463,8 @@ def run_search(args) -> Dict[str, Any]:
         except ValueError as e:
             raise LinvisionError(str(e)) from None
         kind = "macs"
-        cost = lambda a: analytic_macs(a, net.img_size, net.num_classes, stem_chans=space.stem_chans)  # noqa: E731
+        cost = lambda a: analytic_macs(a, net.img_size, net.num_classes, stem_chans=space.stem_chans,  # noqa: E731
+                                       normalized=True)
         latency = None
     else:
         budget, kind = float(args.latency_ms), "latency"

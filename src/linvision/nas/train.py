@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import math
 import random
 import sys
 import time
@@ -30,7 +29,7 @@ from timm.optim import create_optimizer_v2  # noqa: E402
 from timm.scheduler import create_scheduler_v2  # noqa: E402
 from timm.utils import random_seed  # noqa: E402
 
-from ..checkpoint import (CONFIG_FILE, MODEL_FILE, STATE_FILE, atomic_write, check_state_dict,  # noqa: E402
+from ..checkpoint import (MODEL_FILE, STATE_FILE, atomic_write, check_state_dict,  # noqa: E402
                           get_rng_states, load_config, load_state_dict, load_train_state, save_model,
                           save_train_state, set_rng_states)
 from ..data import (ImageFolder, SeededSampler, build_transforms, collate_skip_none, default_workers,  # noqa: E402
