@@ -191,3 +191,20 @@ def test_supernet_weights_are_the_largest_standalone_network():
         torch.testing.assert_close(big(x), net(x))
     assert set(net.subnet_state_dict(net.space.largest())) == set(big.state_dict())
     assert isinstance(timm.create_model("test_resnas"), ResNAS)
+
+
+def test_depth_rule_and_space_size():
+    """Adjacent removable blocks encode depth (official update_depth): once one is absent, the following ones of
+    the run are too; size() counts the distinct sub-networks exactly (brute force on a small space)."""
+    import itertools
+
+    from linvision.nas.space import SearchSpace
+    sp = SearchSpace("t", ((2, 1), (3, 2)), (4, 4), ((2, 1), (1,)), ((8,), (8, 4)), (3, 2), ((1, 2), (1,)))
+    keys = {sp.encode(sp.decode(v)) for v in itertools.product(*[g.choices for g in sp.genes()])}
+    assert len(keys) == sp.size() == 336
+    a = sp.largest()
+    a["present"][0][1] = False
+    assert sp.decode(sp.encode(a))["present"][0] == [True, False, False]
+    test = SPACES["test"]                                       # removable (1, 2) in stage 1: adjacent
+    for arch in test.sample_archs(64, rng=random.Random(0)):
+        assert not (not arch["present"][1][1] and arch["present"][1][2])

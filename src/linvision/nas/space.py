@@ -100,8 +100,25 @@ class SearchSpace:
         g += [Gene("present", s, j, (True, False)) for s in range(len(self.depths)) for j in self.removable[s]]
         return g
 
+    def apply_depth_rule(self, arch: Arch) -> Arch:
+        """Within a run of consecutive removable blocks, a block is absent once an earlier one of the run is
+        (official ``update_depth``: removable blocks encode depth). In place; returns ``arch``. No effect on the
+        official spaces, whose removable blocks are never adjacent."""
+        for s, pres in enumerate(arch["present"]):
+            removed = False
+            for j in range(len(pres)):
+                if j not in self.removable[s]:
+                    removed = False
+                elif removed:
+                    pres[j] = False
+                elif not pres[j]:
+                    removed = True
+        return arch
+
     def encode(self, arch: Arch) -> Tuple:
-        """Canonical hashable key of ``arch`` (absent blocks' head/MLP genes replaced by the largest choice)."""
+        """Canonical hashable key of ``arch`` (after :meth:`apply_depth_rule`; absent blocks' head/MLP genes
+        replaced by the largest choice)."""
+        arch = self.apply_depth_rule({**arch, "present": [list(p) for p in arch["present"]]})
         key = []
         for g in self.genes():
             if g.kind == "dims":
@@ -121,7 +138,7 @@ class SearchSpace:
                 arch["dims"][g.stage] = int(v)
             else:
                 arch[g.kind][g.stage][g.block] = bool(v) if g.kind == "present" else int(v)
-        return arch
+        return self.apply_depth_rule(arch)
 
     # ------------------------------------------------------------------ archs
     def largest(self) -> Arch:
@@ -177,7 +194,13 @@ class SearchSpace:
         for s, d in enumerate(self.depths):
             n *= len(self.dims[s])
             block = len(self.heads[s]) * len(self.mlp[s])
-            n *= block ** (d - len(self.removable[s])) * (block + 1) ** len(self.removable[s])
+            run = 0
+            for j in range(d + 1):  # a run of r removable blocks: 0..r of them present, as a prefix
+                if j < d and j in self.removable[s]:
+                    run += 1
+                    continue
+                n *= sum(block ** k for k in range(run + 1)) * (block if j < d else 1)
+                run = 0
         return n
 
     # ------------------------------------------------------------------ super-network sampling
@@ -207,7 +230,7 @@ class SearchSpace:
                     a["dims"][g.stage] = v
                 else:
                     a[g.kind][g.stage][g.block] = v
-        return archs
+        return [self.apply_depth_rule(a) for a in archs]
 
 
 def _space(name, dims, head_dims, heads, mlp, depths, removable, description, **kw) -> SearchSpace:
