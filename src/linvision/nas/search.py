@@ -238,6 +238,7 @@ class EvolutionarySearch:
                     self._set(arch, g, g.choices[i + 1])
                 if tries > 10_000:
                     break
+            arch = self.space.decode(self.space.encode(arch))
             if self.feasible(arch):
                 return arch
         raise ValueError(f"could not draw a sub-network with cost in [{self.lo:.4g}, {self.budget:.4g}] after "
@@ -266,10 +267,11 @@ class EvolutionarySearch:
 
         def add(arch: Arch, origin: str) -> bool:
             key = self.space.encode(arch)
+            arch = self.space.decode(key)  # canonical (depth rule applied): what is evaluated and stored
             if key in seen or not self.feasible(arch):
                 return False
             seen.add(key)
-            out.append(Candidate(self.space.decode(key), origin, key))
+            out.append(Candidate(arch, origin, key))
             return True
 
         if iteration == 0:
@@ -550,7 +552,7 @@ def run_search(args) -> Dict[str, Any]:
             if k not in seen:
                 seen.add(k)
                 r = evaluate(Candidate(a, "random", k))
-                rand.append({"arch": {**space.decode(k), "stem_chans": space.stem_chans}, "macs": r["macs"],
+                rand.append({"arch": {**a, "stem_chans": space.stem_chans}, "macs": r["macs"],
                              "holdout_top1": r["top1"], "latency_ms": latency(a) if latency is not None else None})
         atomic_write(out / "random_archs.json", ("[\n" + ",\n".join(json.dumps(r) for r in rand) + "\n]\n").encode())
     dist.barrier()
