@@ -17,6 +17,7 @@ torch.set_num_threads(1)  # 2 OpenMP threads on 2 busy cores can run 10x slower 
 TEST_MODELS = {
     "test_vrwkv": ["--img-size", "32", "--patch-size", "8"],
     "test_vir": ["--img-size", "32", "--patch-size", "8"],
+    "test_resnas": ["--img-size", "56"],  # sides must be multiples of 56; fixed patch 14
 }
 
 

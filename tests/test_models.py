@@ -16,23 +16,31 @@ from safetensors.torch import load_file, save_file
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
 MODELS = sorted(n for n in timm.list_models() if timm.get_pretrained_cfg(n) is not None
-                and getattr(timm.get_pretrained_cfg(n), "paper_ids", None) in ("arXiv:2403.02308", "arXiv:2310.19731"))
+                and getattr(timm.get_pretrained_cfg(n), "paper_ids", None) in ("arXiv:2403.02308", "arXiv:2310.19731",
+                                                                                 "arXiv:2109.00642"))
 SMALL = dict(img_size=64)  # keeps the large models cheap on 2 CPU cores
+
+
+def _small_size(name: str) -> int:
+    """Contract-test input side: 64, or 56 for ViT-ResNAS (its sides must be multiples of 56)."""
+    return 56 if timm.get_pretrained_cfg(name).paper_ids == "arXiv:2109.00642" else SMALL["img_size"]
 
 
 def test_registry_lists_every_family():
     for name in ["vrwkv_tiny", "vrwkv_small", "vrwkv_base", "vrwkv_large", "vir_tiny", "vir_small", "vir_base",
-                 "test_vrwkv", "test_vrwkv_postnorm", "test_vir"]:
+                 "test_vrwkv", "test_vrwkv_postnorm", "test_vir", "vit_res_tiny", "vit_resnas_tiny",
+                 "vit_resnas_small", "vit_resnas_medium", "test_resnas"]:
         assert name in MODELS and timm.is_model(name)
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_model_contract(name):
     torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=7, drop_path_rate=0., **SMALL)  # no dropped branches
+    size = _small_size(name)
+    model = timm.create_model(name, num_classes=7, drop_path_rate=0., img_size=size)  # no dropped branches
     assert model.default_cfg is model.pretrained_cfg and model.pretrained_cfg["architecture"] == name
     assert isinstance(model.no_weight_decay(), set) and "pos_embed" in model.no_weight_decay()
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, size, size)
     out = model(x)
     assert out.shape == (2, 7) and torch.isfinite(out).all()
     out.sum().backward()

@@ -56,6 +56,7 @@ MAIN_JOB: dict[str, Any] = {
     "save_every_steps": 0,   # 0: train_state.pt only at epoch ends; N: also after every N-th optimizer step
     "device": "auto",        # cuda:LOCAL_RANK if CUDA is available, else cpu
     "amp": False,            # mixed precision: float16 + grad scaler on CUDA, bfloat16 on CPU
+    "arch": None,            # ViT-ResNAS architecture (from --arch FILE, e.g. `linvision search`'s best.json)
 }
 
 _TRAIN_EPILOG = """examples:
@@ -164,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--amp", action=argparse.BooleanOptionalAction,
                    help="mixed precision: float16 with a grad scaler on CUDA, bfloat16 on CPU "
                         f"[{'on' if d['amp'] else 'off'}]")
+    t.add_argument("--arch", metavar="FILE", help="ViT-ResNAS architecture JSON (e.g. `linvision search`'s "
+                                                  "best.json); sets --model/--img-size unless given")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", parents=[common], formatter_class=fmt, epilog=_EVAL_EPILOG,
@@ -184,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classify each image at its native size, streamed row by row in constant memory "
                         "(ViR models; .npy, PPM, BMP and uncompressed TIFF are read by strips)")
     p.set_defaults(func=_cmd_predict)
+
+    from .nas.cli import add_nas_commands  # ViT-ResNAS pipeline: `supernet train`, `search`
+    add_nas_commands(sub, common, fmt)
     return parser
 
 
@@ -220,6 +226,9 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     from .engine import train
     given = {k: v for k, v in vars(ns).items() if k not in ("func", "command")}
     _positive(given)
+    if given.get("arch"):
+        from .nas.cli import arch_train_args
+        given = arch_train_args(given)
     summary = train(train_args(given))
     if int(os.environ.get("RANK", "0")) != 0:
         return 0

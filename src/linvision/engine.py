@@ -77,10 +77,12 @@ def check_model_name(name: str) -> None:
 
 
 def create_model(name: str, num_classes: int, img_size: int | None = None, patch_size: int | None = None,
-                 drop_path_rate: float = 0.0) -> tuple[torch.nn.Module, dict[str, Any]]:
+                 drop_path_rate: float = 0.0, extra_kwargs: dict[str, Any] | None = None
+                 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """``timm.create_model(name, pretrained=False, ...)`` → ``(model, model_args)``.
 
-    ``img_size``/``patch_size``/``drop_path_rate`` are passed only when set (``drop_path_rate`` only if > 0).
+    ``img_size``/``patch_size``/``drop_path_rate`` are passed only when set (``drop_path_rate`` only if > 0);
+    ``extra_kwargs`` (e.g. a ViT-ResNAS ``arch``) are passed as given.
     A model without an ``img_size`` or ``patch_size`` argument (a CNN) is built without it (logged): it takes
     any input size, which the data transform sets. ``model_args`` are the keyword arguments actually used (stored
     in ``config.json`` to rebuild the model).
@@ -89,7 +91,7 @@ def create_model(name: str, num_classes: int, img_size: int | None = None, patch
         LinvisionError: unknown model, or an argument the model does not accept.
     """
     check_model_name(name)
-    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    kwargs: dict[str, Any] = {"num_classes": num_classes, **(extra_kwargs or {})}
     for k, v in (("img_size", img_size), ("patch_size", patch_size), ("drop_path_rate", drop_path_rate or None)):
         if v is not None:
             kwargs[k] = v
@@ -354,7 +356,8 @@ def _train(args: Namespace, di: DistInfo) -> dict[str, Any]:
             train_subset=args.train_subset, auto_augment=args.auto_augment, re_prob=args.re_prob,
             num_replicas=di.world_size, rank=di.rank)
     random_seed(args.seed)
-    model, model_args = create_model(args.model, len(classes), args.img_size, args.patch_size, args.drop_path)
+    model, model_args = create_model(args.model, len(classes), args.img_size, args.patch_size, args.drop_path,
+                                     {"arch": args.arch} if getattr(args, "arch", None) else None)
     size = data_config["input_size"][-1]
     if "patch_size" in model_args and size % model_args["patch_size"]:
         p = model_args["patch_size"]
