@@ -17,6 +17,7 @@ which is exactly the recurrence S_n = γ S_{n-1} + k_nᵀ v_n, o_n = q_n S_n unr
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import Optional, Tuple
 
 import torch
@@ -82,32 +83,62 @@ def retention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torc
     return o.to(dtype), S
 
 
+# Decay factors depend only on (γ, T, scale, dtype, device): built once and reused (ViR calls the op with the same
+# T in every block and every chunk). Exponents below _LOG_TINY are set to exactly 0 rather than left to underflow
+# into denormal floats, which make CPU kernels many times slower (γ^n < e^-60 ≈ 1e-26 is zero at fp32 precision).
+_LOG_TINY = -60.0
+_FACTOR_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+_FACTOR_CACHE_MAX_ELEMS = 2 ** 22  # cache masks up to 16 MiB (fp32); larger T is rebuilt per call
+
+
+def _decay_factors(gamma: torch.Tensor, T: int, scale: float, dtype: torch.dtype, device: torch.device):
+    """``(D·scale [H, T, T], γ^(n+1)·scale [H, T, 1], γ^(T-1-n) [H, T, 1], γ^T [H, 1, 1])`` in ``dtype``."""
+    key = None
+    if not gamma.requires_grad and not torch.compiler.is_compiling():
+        key = (tuple(gamma.tolist()), T, float(scale), dtype, str(device))  # by value: H floats
+        hit = _FACTOR_CACHE.get(key)
+        if hit is not None:
+            _FACTOR_CACHE.move_to_end(key)
+            return hit
+    log_g = torch.log(gamma.to(device=device, dtype=torch.float64))[:, None, None]  # [H, 1, 1], float64: exact
+    n = torch.arange(T, device=device, dtype=torch.float64)
+    diff = n[:, None] - n[None, :]
+
+    def decay(e: torch.Tensor) -> torch.Tensor:  # exp(e) with e <= 0, tiny values flushed to exactly 0
+        return torch.where(e > _LOG_TINY, torch.exp(e), torch.zeros((), dtype=e.dtype, device=device))
+
+    D = torch.where(diff >= 0, decay(log_g * diff.clamp(min=0)), torch.zeros((), dtype=torch.float64, device=device))
+    out = ((D * scale).to(dtype), (decay(log_g * (n + 1)[:, None]) * scale).to(dtype),
+           decay(log_g * (T - 1 - n)[:, None]).to(dtype), decay(log_g * T).to(dtype))
+    if key is not None and gamma.shape[0] * T * T <= _FACTOR_CACHE_MAX_ELEMS:
+        _FACTOR_CACHE[key] = out
+        while len(_FACTOR_CACHE) > 8:
+            _FACTOR_CACHE.popitem(last=False)
+    return out
+
+
 def retention_parallel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor,
                        scale: Optional[float] = None, initial_state: Optional[torch.Tensor] = None,
                        output_final_state: bool = False) -> Out:
     """Parallel (training) form: one ``[B, H, T, T]`` masked score matrix, computed in q's dtype.
 
-    The decay mask is built in log space, ``D = exp((n - m) log γ)`` on ``m <= n`` and 0 above the diagonal, so
-    no ``γ ** inf`` is evaluated. Same arguments, returns and errors as :func:`retention_ref`; the final state
-    is returned in q's dtype.
+    The decay mask (with ``scale`` folded in) is built once per (γ, T, dtype) in float64 log space and cached;
+    decays below e^-60 are exactly 0 (no denormals). Same arguments, returns and errors as
+    :func:`retention_ref`; the final state is returned in q's dtype.
     """
     _check(q, k, v, gamma, initial_state)
     B, T, H, K = q.shape
     scale = K ** -0.5 if scale is None else scale
-    q, k, v = (t.transpose(1, 2) for t in (q * scale, k, v))  # [B, H, T, *]
-    log_g = torch.log(gamma.to(q.dtype))[:, None, None]  # [H, 1, 1]
-    n = torch.arange(T, device=q.device, dtype=q.dtype)
-    diff = n[:, None] - n[None, :]
-    D = torch.exp(log_g * diff.clamp(min=0)) * (diff >= 0)  # [H, T, T]
+    D, inner, tail, gT = _decay_factors(gamma, T, scale, q.dtype, q.device)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, *]
     o = ((q @ k.transpose(-1, -2)) * D) @ v  # [B, H, T, V]
     S = None
     if initial_state is not None:
-        o = o + torch.exp(log_g * (n + 1)[:, None]) * (q @ initial_state.to(q.dtype))
+        o = o + inner * (q @ initial_state.to(q.dtype))
     if output_final_state:
-        w = torch.exp(log_g * (T - 1 - n)[:, None])  # [H, T, 1]
-        S = (k * w).transpose(-1, -2) @ v  # [B, H, K, V]
+        S = (k * tail).transpose(-1, -2) @ v  # [B, H, K, V]
         if initial_state is not None:
-            S = S + torch.exp(log_g * T) * initial_state.to(q.dtype)
+            S = S + gT * initial_state.to(q.dtype)
     return o.transpose(1, 2), S
 
 
