@@ -1,4 +1,4 @@
-"""``linvision`` command line: ``train``, ``eval`` and ``predict`` (also ``python -m linvision``).
+"""``linvision`` command line: ``train``, ``eval``, ``predict`` and ``bench`` (also ``python -m linvision``).
 
 ``linvision`` with no arguments (or ``linvision train`` with no options) runs the main job: ``MAIN_JOB`` — the
 default model trained on the CIFAR-10 subset embedded in the package, written to ``runs/<model>-<timestamp>``.
@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5, help="classes shown per image [5]")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=_cmd_predict)
+
+    from .bench import add_parser as add_bench_parser  # `linvision bench`: see linvision/bench.py
+    add_bench_parser(sub)
     return parser
 
 
