@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -259,3 +262,21 @@ def test_total_budget_skips_the_rest(tmp_path):
     assert [r["status"] for r in records] == ["skipped", "skipped"]
     assert all("--total-budget" in r["reason"] for r in records)
     assert json.loads((out / "bench.json").read_text())["meta"]["total_budget_s"] == 1e-3
+
+
+def test_a_killed_worker_keeps_what_it_finished(tmp_path, monkeypatch):
+    """Workers save partial results (an op's forward, a model's timing); a kill at the budget keeps them."""
+    saved = []
+    case = {"kind": "op", "op": "linear", "tokens": 8, "channels": 64, "heads": 1, "batch_size": 1, "device": "cpu",
+            "threads": 1, "warmup": 1, "iters": 1, "min_time": 0.0, "flops": False, "budget": 60.0}
+    case["deadline_wall"] = time.time() + 60
+    r = bench.run_op_case(case, save_partial=lambda d: saved.append(dict(d)))
+    assert len(saved) == 2 and "fwd_ms" in saved[0] and "fwdbwd_ms" not in saved[0] and r["fwdbwd_ms"] > 0
+
+    def fake_run(cmd, **kw):  # the worker saved its forward, then ran past the budget
+        Path(cmd[-1] + ".partial").write_text(json.dumps(saved[0]))
+        raise subprocess.TimeoutExpired(cmd, kw["timeout"])
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    r = bench._execute(case, isolate=True)
+    assert r["status"] == "ok" and r["fwd_ms"] > 0 and "killed at the case time budget (60 s)" in r["reason"]

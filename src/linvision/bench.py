@@ -49,7 +49,8 @@ with ``supports_train=False`` is skipped in ``train`` mode with that reason.
 
 Out of memory, or one step longer than what is left of the budget: the batch size is halved and the case retried;
 at batch 1 it is marked ``skipped`` with the reason (and larger resolutions of the same spec are skipped too). An
-exception marks it ``failed`` with the exception. The run never stops on a case.
+exception marks it ``failed`` with the exception. The run never stops on a case. A worker killed at its budget
+keeps what it had finished (a model's timing before its FLOP count; an op's forward before its backward).
 
 Outputs (``--output DIR``): ``bench.csv``, ``bench.json`` (``{"meta": {...}, "records": [...]}``, rewritten after
 every case), ``throughput_<mode>.png`` and ``memory_<mode>.png`` (log-log, one line per spec) and
@@ -576,10 +577,12 @@ def _deadline(case: Dict[str, Any]) -> float:
     return time.perf_counter() + (case["deadline_wall"] - time.time()) - 1.0
 
 
-def run_model_case(case: Dict[str, Any], fresh_process: bool = False) -> Dict[str, Any]:
+def run_model_case(case: Dict[str, Any], fresh_process: bool = False,
+                   save_partial: Callable[[Dict[str, Any]], None] = lambda r: None) -> Dict[str, Any]:
     """Run one model case (``case``: model, resolution, batch_size, mode, dtype, device, threads, compile,
     channels_last, warmup, iters, min_time, deadline_wall, flops). Returns a result dict with ``status`` ``ok`` or
-    ``oom`` / ``too_slow`` / ``skipped`` / ``failed`` and a ``reason``; never raises for a case problem."""
+    ``oom`` / ``too_slow`` / ``skipped`` / ``failed`` and a ``reason``; never raises for a case problem.
+    ``save_partial(result)`` is called once the timing is done (a worker killed later keeps it)."""
     device = _setup_worker(case)
     spec, runner = parse_spec(case["model"]), None
     res, bs, train = case["resolution"], case["batch_size"], case["mode"] == "train"
@@ -626,6 +629,7 @@ def run_model_case(case: Dict[str, Any], fresh_process: bool = False) -> Dict[st
                    warmup=len(t["warmup_times"]), memory_method=meter.method)
         if t["iters_cut"]:
             out["reason"] = f"{t['iters']} timed steps (cut by the case budget)"
+        save_partial(out)
         if case.get("profile"):  # one more step under torch.profiler, within the budget
             try:
                 with _time_limit(deadline - time.perf_counter()):
@@ -665,12 +669,19 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
 def _worker_main() -> None:
     """Subprocess entry: ``python -c 'from linvision.bench import _worker_main; _worker_main()' IN.json OUT.json``."""
     case = json.loads(Path(sys.argv[1]).read_text())
+    out, partial = Path(sys.argv[2]), Path(sys.argv[2] + ".partial")
+
+    def save_partial(result: Dict[str, Any]) -> None:
+        tmp = partial.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result))
+        os.replace(tmp, partial)
+
     try:
         fn = run_op_case if case["kind"] == "op" else run_model_case
-        result = fn(case, fresh_process=True)
+        result = fn(case, fresh_process=True, save_partial=save_partial)
     except Exception as e:  # noqa: BLE001
         result = {"status": "failed", "reason": _one_line(e)}
-    Path(sys.argv[2]).write_text(json.dumps(result))
+    out.write_text(json.dumps(result))
 
 
 def _execute(case: Dict[str, Any], isolate: bool) -> Dict[str, Any]:
@@ -688,7 +699,13 @@ def _execute(case: Dict[str, Any], isolate: bool) -> Dict[str, Any]:
         try:
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
         except subprocess.TimeoutExpired:
-            return {"status": "too_slow", "reason": f"killed at the case time budget ({case['budget']:.3g} s)"}
+            killed = f"killed at the case time budget ({case['budget']:.3g} s)"
+            partial = Path(str(outp) + ".partial")
+            if partial.exists():  # what finished before the kill (the timing; an op's forward)
+                r = json.loads(partial.read_text())
+                r["reason"] = "; ".join(filter(None, [r.get("reason"), f"then {killed}"]))
+                return r
+            return {"status": "too_slow", "reason": killed}
         if outp.exists():
             return json.loads(outp.read_text())
         err = proc.stderr.decode(errors="replace").strip().splitlines()
@@ -1026,7 +1043,8 @@ def _op_step(fn: Callable[[], torch.Tensor], leaves: List[torch.Tensor], backwar
     return step
 
 
-def run_op_case(case: Dict[str, Any], fresh_process: bool = False) -> Dict[str, Any]:
+def run_op_case(case: Dict[str, Any], fresh_process: bool = False,
+                save_partial: Callable[[Dict[str, Any]], None] = lambda r: None) -> Dict[str, Any]:
     """One op at one T: forward (under ``no_grad``) and forward + backward, each timed and memory-metered; a
     direction over the memory estimate limit or the time budget is skipped with its reason."""
     device = _setup_worker(case)
@@ -1056,6 +1074,7 @@ def run_op_case(case: Dict[str, Any], fresh_process: bool = False) -> Dict[str, 
             out[f"{key}_ms"] = 1e3 * statistics.median(t["times"])
             out[f"{key}_iters"] = t["iters"]
             out[f"{key}_peak_mib"] = mem["peak_mib"]
+            save_partial(dict(out, memory_method=meter.method, reason="; ".join(reasons)))
             if not bwd and case.get("flops", True):
                 try:
                     with _time_limit(deadline - time.perf_counter()), torch.no_grad():
