@@ -1,4 +1,4 @@
-"""``linvision`` command line: ``train``, ``eval`` and ``predict`` (also ``python -m linvision``).
+"""``linvision`` command line: ``train``, ``eval``, ``predict`` and ``bench`` (also ``python -m linvision``).
 
 ``linvision`` with no arguments (or ``linvision train`` with no options) runs the main job: ``MAIN_JOB`` — the
 default model trained on the CIFAR-10 subset embedded in the package, written to ``runs/<model>-<timestamp>``.
@@ -190,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .nas.cli import add_nas_commands  # ViT-ResNAS pipeline: `supernet train`, `search`
     add_nas_commands(sub, common, fmt)
+    from .bench import add_parser as add_bench_parser  # `linvision bench`: see linvision/bench.py
+    add_bench_parser(sub)
     return parser
 
 
