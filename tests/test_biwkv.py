@@ -54,6 +54,17 @@ def test_bi_wkv_matches_reference(T, B, C, chunk):
         assert rel_rms(a, b) < 1e-5, name
 
 
+def test_bi_wkv_non_contiguous_inputs():
+    """k, v as strided views (a slice of a wider tensor, a transpose) give the same output and gradients."""
+    w, u, k, v = _wkv_inputs(2, 45, 7)
+    kk = torch.cat([k, k], -1).detach()[..., 7:].requires_grad_()  # stride 14 over channels
+    vv = v.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()  # channels-major storage
+    assert not kk.is_contiguous() and not vv.is_contiguous()
+    gy = torch.randn(2, 45, 7)
+    for a, b in zip(_grads(bi_wkv, (w, u, kk, vv), gy), _grads(bi_wkv, (w, u, k, v), gy)):
+        torch.testing.assert_close(a, b)
+
+
 def test_bi_wkv_definition_by_loops():
     """Eq. 5 term by term for every (t, c), independent of both implementations."""
     w, u, k, v = (t.detach().double() for t in _wkv_inputs(1, 6, 3))
@@ -260,6 +271,8 @@ def test_bi_wkv_shape_errors():
         bi_wkv(w, u, k, v[:, :3])
     with pytest.raises(ValueError, match="w and u"):
         bi_wkv(w[:4], u, k, v)
+    with pytest.raises(ValueError, match="T >= 1"):
+        bi_wkv(w, u, k[:, :0], v[:, :0])
     with pytest.raises(ValueError, match="variant"):
         bi_wkv(w, u, k, v, variant="cuda")
 

@@ -36,6 +36,8 @@ BI_WKV_VARIANTS = ("eq5", "official_kernel")
 def _check(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if k.dim() != 3 or k.shape != v.shape:
         raise ValueError(f"bi_wkv: k and v must both be [B, T, C], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[1] == 0:
+        raise ValueError("bi_wkv: k and v must have at least one token (T >= 1), got T = 0")
     C = k.shape[-1]
     if w.shape != (C,) or u.shape != (C,):
         raise ValueError(f"bi_wkv: w and u must be [C={C}], got {tuple(w.shape)} and {tuple(u.shape)}")
@@ -193,39 +195,41 @@ def _bi_wkv_forward(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.
             Z.addcmul_(xl, wts[:, l])
     r, eu = torch.exp(-w), torch.exp(u)
     carries = _carries_from_totals(Z, w, L)
-    PS = _scan_loop(X, r, carries[0], reverse=False)  # prefix P; S is added below (the bonus is not)
-    D = torch.empty(B, L, nc, C, dtype=cd, device=k.device)  # den
-    dlt = torch.empty(B, L, nc, C, dtype=cd, device=k.device)  # e^u a (v - y) = e^u (x^n PS^d - a PS^n) / den
+    # Prefix P materialised; S rolled down from the last position and added. PS's storage then becomes what the
+    # backward keeps: [δ' ; den] with den = P^d + S^d + e^u a and δ' = e^u a (v - y) = e^u (x^n PS^d - a PS^n) / den.
+    PS = _scan_loop(X, r, carries[0], reverse=False)
     y = torch.empty(B, Tp, C, dtype=v.dtype, device=k.device)
     yt = _tv(y, L, nc)
-    num = X.new_empty(B, nc, C)
-    s, s_next = carries[1].clone(), torch.empty_like(carries[1])  # suffix S, rolled from the last position
+    num, tmp = X.new_empty(B, nc, C), X.new_empty(B, nc, C)
+    s, s_next = carries[1].clone(), torch.empty_like(carries[1])
     for l in range(L - 1, -1, -1):
         xl, ps = X[:, l], PS[:, l]
-        ps.add_(s)
+        ps.add_(s)  # P + S
+        torch.mul(xl[:B], ps[B:], out=tmp).addcmul_(xl[B:], ps[:B], value=-1)
         torch.addcmul(ps[:B], xl[:B], eu, out=num)
-        torch.addcmul(ps[B:], xl[B:], eu, out=D[:, l])
-        torch.div(num, D[:, l], out=yt[:, l])
-        torch.mul(xl[:B], ps[B:], out=dlt[:, l]).addcmul_(xl[B:], ps[:B], value=-1).mul_(eu).div_(D[:, l])
+        ps[B:].addcmul_(xl[B:], eu)  # den
+        torch.div(num, ps[B:], out=yt[:, l])
+        torch.mul(tmp, eu, out=ps[:B]).div_(ps[B:])  # δ'
         if l:
             torch.addcmul(xl, s, r, out=s_next)
             s, s_next = s_next, s
     if Tp != T:
         y = y[:, :T].contiguous()
-    return y, X, D, dlt, carries
+    return y, X, PS, carries
 
 
 def _bi_wkv_backward(gy: torch.Tensor, w: torch.Tensor, u: torch.Tensor, y: torch.Tensor, X: torch.Tensor,
-                     D: torch.Tensor, dlt: torch.Tensor, carries: torch.Tensor):
-    B, L, nc, C = D.shape
-    T, Tp, cd = y.shape[1], L * nc, X.dtype
+                     DD: torch.Tensor, carries: torch.Tensor):
+    N, L, nc, C = X.shape
+    B, T, Tp, cd = N // 2, y.shape[1], L * nc, X.dtype
+    dlt, D = DD[:B], DD[B:]  # e^u a (v - y), den
     w, u = w.to(cd), u.to(cd)
     r, eu = torch.exp(-w), torch.exp(u)
-    G = torch.empty(2 * B, L, nc, C, dtype=cd, device=X.device)  # [α = g / den ; β = α y]
+    G = torch.empty_like(X)  # [α = g / den ; β = α y]
     gt, yt = _tv(_pad_tokens(gy, Tp), L, nc), _tv(_pad_tokens(y, Tp), L, nc)
     wts = _total_weights(L, w, cd)
-    Z = X.new_zeros(2, 2 * B, nc, C)
-    acc_u = X.new_zeros(B, nc, C)  # Σ_l α δ
+    Z = X.new_zeros(2, N, nc, C)
+    acc_u = X.new_zeros(B, nc, C)  # Σ α δ'
     for l in range(L):
         gl = G[:, l]
         torch.div(gt[:, l], D[:, l], out=gl[:B])
@@ -234,30 +238,29 @@ def _bi_wkv_backward(gy: torch.Tensor, w: torch.Tensor, u: torch.Tensor, y: torc
         if nc > 1:
             Z.addcmul_(gl, wts[:, l])
     cg = _carries_from_totals(Z, w, L)
-    Pg = _scan_loop(G, r, cg[0], reverse=False)  # Q' (prefix of G)
-    Sg = torch.empty_like(G)  # Q (suffix of G)
-    Sg[:, L - 1] = cg[1]
+    QQ = _scan_loop(G, r, cg[0], reverse=False)  # Q' (prefix of G); each slot takes Q (suffix) once used
     dk = torch.empty(B, Tp, C, dtype=cd, device=X.device)
     dv = torch.empty(B, Tp, C, dtype=cd, device=X.device)
     dkt, dvt = _tv(dk, L, nc), _tv(dv, L, nc)
-    acc_w = X.new_zeros(2 * B, nc, C)  # Σ_l P·Q + S·Q'
+    acc_w = X.new_zeros(N, nc, C)  # Σ P·Q + S·Q'
     q = torch.empty_like(acc_w)
     s, s_next = carries[1].clone(), torch.empty_like(carries[1])  # S (suffix of X), rolled
+    sg, sg_next = cg[1].clone(), torch.empty_like(cg[1])  # Q (suffix of G), rolled
     for l in range(L - 1, -1, -1):
-        if l < L - 1:
-            torch.addcmul(G[:, l + 1], Sg[:, l + 1], r, out=Sg[:, l])
-        xl, gl = X[:, l], G[:, l]
-        acc_w.addcmul_(s, Pg[:, l])
-        torch.add(Pg[:, l], Sg[:, l], out=q)  # Q' + Q (no bonus)
+        xl, gl, ql = X[:, l], G[:, l], QQ[:, l]
+        acc_w.addcmul_(s, ql)
+        torch.add(ql, sg, out=q)  # Q' + Q (no bonus)
+        ql.copy_(sg)
         dkl = dkt[:, l]
         torch.mul(xl[:B], q[:B], out=dkl).addcmul_(xl[B:], q[B:], value=-1).addcmul_(gl[:B], dlt[:, l])
         torch.mul(xl[B:], q[:B].addcmul_(gl[:B], eu), out=dvt[:, l])  # dv = a (Q' + Q + e^u α)
         if l:
             torch.addcmul(xl, s, r, out=s_next)
-            s, s_next = s_next, s
+            torch.addcmul(gl, sg, r, out=sg_next)
+            s, s_next, sg, sg_next = s_next, s, sg_next, sg
     p, p_next = carries[0].clone(), torch.empty_like(carries[0])  # P (prefix of X), rolled
     for l in range(L):
-        acc_w.addcmul_(p, Sg[:, l])
+        acc_w.addcmul_(p, QQ[:, l])
         if l < L - 1:
             torch.addcmul(X[:, l], p, r, out=p_next)
             p, p_next = p_next, p
@@ -271,9 +274,10 @@ def _bi_wkv_backward(gy: torch.Tensor, w: torch.Tensor, u: torch.Tensor, y: torc
 
 @torch.library.custom_op("linvision::bi_wkv_fwd", mutates_args=())
 def _bi_wkv_fwd_op(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   chunk_size: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                   chunk_size: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Bi-WKV forward. Returns ``y [B, T, C]`` (v's dtype) and, for the backward (fp32/fp64), the signals
-    ``X [2B, L, nc, C]``, ``den`` and ``e^u a (v - y)`` ``[B, L, nc, C]`` and the chunk carries ``[2, 2B, nc, C]``."""
+    ``X = [a v ; a]`` and ``[e^u a (v - y) ; den]`` (both ``[2B, L, nc, C]``, chunk-transposed) and the chunk
+    carries ``[2, 2B, nc, C]``."""
     return _bi_wkv_forward(w, u, k, v, chunk_size)
 
 
@@ -282,20 +286,20 @@ def _(w, u, k, v, chunk_size):
     B, T, C = k.shape
     L, nc = _chunking(T, chunk_size)
     cd = _compute_dtype(w, u, k, v)
-    return (v.new_empty(B, T, C), k.new_empty(2 * B, L, nc, C, dtype=cd), k.new_empty(B, L, nc, C, dtype=cd),
-            k.new_empty(B, L, nc, C, dtype=cd), k.new_empty(2, 2 * B, nc, C, dtype=cd))
+    return (v.new_empty(B, T, C), k.new_empty(2 * B, L, nc, C, dtype=cd), k.new_empty(2 * B, L, nc, C, dtype=cd),
+            k.new_empty(2, 2 * B, nc, C, dtype=cd))
 
 
 @torch.library.custom_op("linvision::bi_wkv_bwd", mutates_args=())
 def _bi_wkv_bwd_op(gy: torch.Tensor, w: torch.Tensor, u: torch.Tensor, y: torch.Tensor, X: torch.Tensor,
-                   D: torch.Tensor, dlt: torch.Tensor,
+                   DD: torch.Tensor,
                    carries: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Bi-WKV backward: ``(dw [C], du [C], dk [B, T, C], dv [B, T, C])`` in the compute dtype."""
-    return _bi_wkv_backward(gy, w, u, y, X, D, dlt, carries)
+    return _bi_wkv_backward(gy, w, u, y, X, DD, carries)
 
 
 @_bi_wkv_bwd_op.register_fake
-def _(gy, w, u, y, X, D, dlt, carries):
+def _(gy, w, u, y, X, DD, carries):
     B, T, C = y.shape
     return (X.new_empty(C), X.new_empty(C), X.new_empty(B, T, C), X.new_empty(B, T, C))
 
@@ -384,7 +388,7 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
     ``Σ_t α_t ∂P_t/∂w = -e^{-w} Σ_j P_j Q^α_j`` — products of quantities the scans give, summed. The backward
     recomputes P and S inside its loops from the saved signals and chunk carries: it saves ``x^n, x^d`` (2),
     ``den`` and ``δ`` (1 each) ``[B, T, C]`` tensors in fp32, plus the ``[2, 2B, T/L, C]`` carries — O(T·C)
-    memory (peak of forward + backward: about 12 ``[B, T, C]`` fp32 tensors), O(T·C) time.
+    memory (peak of forward + backward: 12–13 ``[B, T, C]`` fp32 tensors), O(T·C) time.
 
     **Numerics.** fp32 inside (fp64 for fp64 inputs; bf16/fp16 inputs are computed in fp32, the output returned in
     ``v``'s dtype and each gradient in its input's dtype). Every state is a sum of positive weights times
