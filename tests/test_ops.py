@@ -1,4 +1,5 @@
-"""Fast forms of the token-mixing ops against their plain references: outputs, states and all gradients."""
+"""Retention forms against their plain reference (outputs, states, all gradients), and Q-Shift.
+Bi-WKV: tests/test_biwkv.py."""
 from __future__ import annotations
 
 from functools import partial
@@ -8,8 +9,7 @@ import torch
 
 import linvision  # noqa: F401
 from linvision.layers.rwkv import q_shift
-from linvision.ops import (bi_wkv, bi_wkv_official_kernel_ref, bi_wkv_ref, retention_chunkwise, retention_parallel,
-                           retention_recurrent, retention_ref)
+from linvision.ops import retention_chunkwise, retention_parallel, retention_recurrent, retention_ref
 
 
 def rel_rms(a: torch.Tensor, b: torch.Tensor, floor: float = 1.0) -> float:
@@ -18,112 +18,6 @@ def rel_rms(a: torch.Tensor, b: torch.Tensor, floor: float = 1.0) -> float:
     a, b = a.double(), b.double()
     ref = b.pow(2).mean().sqrt().item()
     return (a - b).pow(2).mean().sqrt().item() / (ref if ref > 0 else floor)
-
-
-def _wkv_inputs(B, T, C, dtype=torch.float32, scale=1.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = (torch.randn(C, generator=g) * 3 * scale) / max(T, 1)
-    u = (torch.randn(C, generator=g) * 2 * scale) / max(T, 1)
-    k = torch.randn(B, T, C, generator=g) * scale
-    v = torch.randn(B, T, C, generator=g)
-    return [t.to(dtype).requires_grad_() for t in (w, u, k, v)]
-
-
-@pytest.mark.parametrize("T,B,C,chunk", [(1, 2, 13, 64), (2, 2, 13, 64), (3, 2, 13, 2), (64, 2, 13, 64),
-                                         (197, 2, 13, 64), (197, 1, 5, 7), (1000, 1, 5, 64), (4096, 1, 3, 256)])
-def test_bi_wkv_matches_reference(T, B, C, chunk):
-    """Outputs and gradients of w, u, k, v; chunk sizes that do and do not divide T, odd C."""
-    w, u, k, v = _wkv_inputs(B, T, C)
-    out, ref = bi_wkv(w, u, k, v, chunk_size=chunk), bi_wkv_ref(w, u, k, v)
-    assert rel_rms(out, ref) < 1e-5
-    gy = torch.randn_like(out)
-    g_fast = torch.autograd.grad(out, (w, u, k, v), gy)
-    g_ref = torch.autograd.grad(ref, (w, u, k, v), gy)
-    for name, a, b in zip("wukv", g_fast, g_ref):
-        assert rel_rms(a, b) < 1e-5, name
-
-
-def test_bi_wkv_definition_by_loops():
-    """Eq. 5 term by term for one (b, t, c), independent of both implementations."""
-    w, u, k, v = (t.detach().double() for t in _wkv_inputs(1, 6, 3))
-    out = bi_wkv_ref(w, u, k, v)
-    for t in range(6):
-        for c in range(3):
-            num = den = 0.0
-            for i in range(6):
-                e = (u[c] + k[0, i, c]) if i == t else (-(abs(t - i) - 1) * w[c] + k[0, i, c])
-                num, den = num + e.exp() * v[0, i, c], den + e.exp()
-            assert abs(out[0, t, c] - num / den) < 1e-12
-
-
-@pytest.mark.parametrize("T", [50, 700])
-def test_bi_wkv_extreme_inputs_finite(T):
-    C = 8
-    w = torch.linspace(-10, 10, C) / T
-    u = torch.tensor([20.0, -20.0] * (C // 2)) / T
-    k = torch.randn(2, T, C).sign() * 80
-    v = torch.randn(2, T, C)
-    out, ref = bi_wkv(w, u, k, v), bi_wkv_ref(w, u, k, v)
-    assert torch.isfinite(out).all() and rel_rms(out, ref) < 1e-5
-
-
-def test_bi_wkv_memory_grows_linearly_in_T():
-    """Complexity, not timing: bytes autograd saves for the backward of bi_wkv grow ~linearly with T (×4 T gives
-    ≤ ×5 memory; the O(T²) reference gives ×16)."""
-    def saved_bytes(fn, T):
-        total = 0
-
-        def pack(t):
-            nonlocal total
-            total += t.numel() * t.element_size()
-            return t
-        w, u, k, v = _wkv_inputs(2, T, 16)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn(w, u, k, v).sum().backward()
-        return total
-    fast = saved_bytes(bi_wkv, 4096) / saved_bytes(bi_wkv, 1024)
-    ref = saved_bytes(bi_wkv_ref, 512) / saved_bytes(bi_wkv_ref, 128)
-    assert 3.0 <= fast <= 5.0, fast
-    assert ref > 12, ref
-
-
-def test_bi_wkv_gradcheck_float64():
-    w, u, k, v = (t.detach().double().requires_grad_() for t in _wkv_inputs(1, 5, 3))
-    assert torch.autograd.gradcheck(bi_wkv, (w, u, k, v))
-    assert torch.autograd.gradcheck(lambda *a: bi_wkv(*a, chunk_size=2), (w, u, k, v))
-    assert torch.autograd.gradcheck(bi_wkv_ref, (w, u, k, v))
-
-
-def test_bi_wkv_bf16_in_fp32_out_dtype():
-    w, u, k, v = _wkv_inputs(2, 30, 16, dtype=torch.bfloat16)
-    out = bi_wkv(w, u, k, v)
-    assert out.dtype == torch.bfloat16
-    assert rel_rms(out.float(), bi_wkv_ref(w, u, k, v).float()) < 2e-2
-
-
-def test_bi_wkv_shape_errors():
-    w, u, k, v = _wkv_inputs(1, 4, 5)
-    with pytest.raises(ValueError, match="k and v"):
-        bi_wkv(w, u, k, v[:, :3])
-    with pytest.raises(ValueError, match="w and u"):
-        bi_wkv(w[:4], u, k, v)
-
-
-@pytest.mark.parametrize("T", [1, 5, 32])
-def test_official_kernel_is_eq5_with_u_plus_w_up_to_32_tokens(T):
-    """With one token per kernel chunk (T <= 32) the kernel's arithmetic is Eq. 5 with u -> u + w (and EPS)."""
-    w, u, k, v = (t.detach().double() for t in _wkv_inputs(2, T, 7))
-    out = bi_wkv(w, u, k, v, variant="official_kernel")
-    assert rel_rms(out, bi_wkv_ref(w, u + w, k, v)) < 1e-5
-    assert rel_rms(out, bi_wkv_official_kernel_ref(w, u, k, v, eps=0.0)) < 1e-5  # EPS: a 1e-6-level effect
-
-
-def test_official_kernel_differs_from_eq5_beyond_32_tokens_and_is_differentiable():
-    w, u, k, v = (t.detach().double().requires_grad_() for t in _wkv_inputs(1, 70, 3))
-    assert rel_rms(bi_wkv_official_kernel_ref(w, u, k, v), bi_wkv_ref(w, u + w, k, v)) > 1e-4
-    assert torch.autograd.gradcheck(lambda *a: bi_wkv_official_kernel_ref(*a), (w, u, k, v))
-    with pytest.raises(ValueError, match="variant"):
-        bi_wkv(w, u, k, v, variant="cuda")
 
 
 def test_q_shift_against_definition():

@@ -1,0 +1,292 @@
+"""Bi-WKV: the O(T) custom op (``bi_wkv``) against the float64 O(T²) reference (``bi_wkv_ref``, paper Eq. 5) —
+outputs and the gradients of w, u, k, v, extreme inputs, low precision, linear memory, 65,536 tokens,
+torch.compile, the FLOP formula — and the official-kernel variant."""
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
+
+import linvision  # noqa: F401  (registers the models; must precede timm)
+import timm
+from linvision.ops import bi_wkv, bi_wkv_official_kernel_ref, bi_wkv_ref
+
+
+def rel_rms(a: torch.Tensor, b: torch.Tensor, floor: float = 1.0) -> float:
+    """RMS error relative to the reference's RMS; a reference whose RMS is below ``floor`` (exactly zero, e.g. d/dw
+    at T <= 2, or saturated) is compared in absolute terms against ``floor``."""
+    a, b = a.double(), b.double()
+    ref = b.pow(2).mean().sqrt().item()
+    return (a - b).pow(2).mean().sqrt().item() / max(ref, floor)
+
+
+def _wkv_inputs(B, T, C, dtype=torch.float32, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(C, generator=g) * 3 * scale) / max(T, 1)
+    u = (torch.randn(C, generator=g) * 2 * scale) / max(T, 1)
+    k = torch.randn(B, T, C, generator=g) * scale
+    v = torch.randn(B, T, C, generator=g)
+    return [t.to(dtype).requires_grad_() for t in (w, u, k, v)]
+
+
+def _grads(fn, inputs, gy):
+    out = fn(*inputs)
+    return (out,) + torch.autograd.grad(out, inputs, gy)
+
+
+# chunk sizes: one chunk (T <= 2 * chunk), a divisor of T, the last chunk padded (197 is prime; 64 % 7 != 0),
+# carries over more than 32 chunks (a recursive scan over the chunk totals)
+@pytest.mark.parametrize("T,B,C,chunk", [(1, 2, 13, 32), (2, 2, 13, 32), (3, 2, 13, 1), (64, 2, 13, 32),
+                                         (64, 2, 13, 7), (197, 2, 13, 32), (197, 1, 5, 3), (1000, 1, 5, 32),
+                                         (1000, 1, 5, 8), (4096, 1, 3, 32)])
+def test_bi_wkv_matches_reference(T, B, C, chunk):
+    """fp32 relative RMS error < 1e-5 for the output and the gradients of w, u, k, v (odd C)."""
+    w, u, k, v = _wkv_inputs(B, T, C)
+    gy = torch.randn(B, T, C, generator=torch.Generator().manual_seed(1))
+    fast = _grads(lambda *a: bi_wkv(*a, chunk_size=chunk), (w, u, k, v), gy)
+    ref = _grads(bi_wkv_ref, (w, u, k, v), gy)
+    for name, a, b in zip(["out", "w", "u", "k", "v"], fast, ref):
+        assert a.dtype == torch.float32 and a.shape == b.shape
+        assert rel_rms(a, b) < 1e-5, name
+
+
+def test_bi_wkv_non_contiguous_inputs():
+    """k, v as strided views (a slice of a wider tensor, a transpose) give the same output and gradients."""
+    w, u, k, v = _wkv_inputs(2, 45, 7)
+    kk = torch.cat([k, k], -1).detach()[..., 7:].requires_grad_()  # stride 14 over channels
+    vv = v.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()  # channels-major storage
+    assert not kk.is_contiguous() and not vv.is_contiguous()
+    gy = torch.randn(2, 45, 7)
+    for a, b in zip(_grads(bi_wkv, (w, u, kk, vv), gy), _grads(bi_wkv, (w, u, k, v), gy)):
+        torch.testing.assert_close(a, b)
+
+
+def test_bi_wkv_definition_by_loops():
+    """Eq. 5 term by term for every (t, c), independent of both implementations."""
+    w, u, k, v = (t.detach().double() for t in _wkv_inputs(1, 6, 3))
+    for out in (bi_wkv_ref(w, u, k, v), bi_wkv(w, u, k, v)):
+        for t in range(6):
+            for c in range(3):
+                num = den = 0.0
+                for i in range(6):
+                    e = (u[c] + k[0, i, c]) if i == t else (-(abs(t - i) - 1) * w[c] + k[0, i, c])
+                    num, den = num + e.exp() * v[0, i, c], den + e.exp()
+                assert abs(out[0, t, c] - num / den) < 1e-12
+
+
+@pytest.mark.parametrize("T,chunk", [(5, 32), (13, 4), (70, 2)])
+def test_bi_wkv_gradcheck_float64(T, chunk):
+    """Analytic backward (the custom op's) against finite differences: one chunk, padded chunks, recursive carries
+    (70 tokens in chunks of 2: 35 chunk carries)."""
+    w, u, k, v = (t.detach().double().requires_grad_() for t in _wkv_inputs(1 if T > 20 else 2, T, 3))
+    assert torch.autograd.gradcheck(lambda *a: bi_wkv(*a, chunk_size=chunk), (w, u, k, v))
+
+
+def test_bi_wkv_reference_gradcheck_float64():
+    w, u, k, v = (t.detach().double().requires_grad_() for t in _wkv_inputs(1, 5, 3))
+    assert torch.autograd.gradcheck(bi_wkv_ref, (w, u, k, v))
+
+
+def test_bi_wkv_chunk_size_only_moves_rounding():
+    w, u, k, v = (t.detach().double() for t in _wkv_inputs(2, 300, 5))
+    outs = [bi_wkv(w, u, k, v, chunk_size=c) for c in (1, 5, 7, 32, 300)]
+    for o in outs[1:]:
+        assert rel_rms(o, outs[0]) < 1e-13
+
+
+def _extreme_inputs(T, u_per_token, C=12):
+    g = torch.Generator().manual_seed(T)
+    w = torch.linspace(-10, 10, C) / T  # w T in [-10, 10]: weights shrink or grow (w < 0) by e^10 over the image
+    u = torch.tensor([20.0, -20.0] * (C // 2)) / (T if u_per_token else 1)
+    k = torch.randn(2, T, C, generator=g).sign() * 80  # e^{±80}: overflows fp32 without the max subtraction
+    k[0, :, :3] = torch.randn(T, 3, generator=g) * 80
+    k[1, :, 3:6] = -80
+    k[1, T // 2, 3:6] = 80  # one token dominates every output of these channels
+    v = torch.randn(2, T, C, generator=g)
+    return [t.requires_grad_() for t in (w, u, k, v)]
+
+
+@pytest.mark.parametrize("T", [2, 50, 700])
+@pytest.mark.parametrize("u_per_token", [True, False], ids=["u_per_token", "u_raw"])
+def test_bi_wkv_extreme_inputs(T, u_per_token):
+    """k = ±80, w·T in [-10, 10], u = ±20 (or ±20/T): no inf/NaN in the output or any gradient; the output matches
+    the reference to 1e-5. Gradients match it to 1e-5 relative, except where they are saturated (tokens whose
+    output is one token's v up to e^-20: the true gradient is ~1e-8 and fp32 cannot resolve v - y there) — hence
+    the absolute floor of 1e-3 (errors below 1e-8). The same op in float64 matches every gradient to 1e-9, so the
+    formulas hold in the saturated regime too."""
+    inputs = _extreme_inputs(T, u_per_token)
+    gy = torch.randn(2, T, 12, generator=torch.Generator().manual_seed(1))
+    fast = _grads(bi_wkv, inputs, gy)
+    ref = _grads(bi_wkv_ref, inputs, gy)
+    for name, a, b in zip(["out", "w", "u", "k", "v"], fast, ref):
+        assert torch.isfinite(a).all(), name
+        assert rel_rms(a, b, floor=1.0 if name == "out" else 1e-3) < 1e-5, name
+    x64 = [t.detach().double().requires_grad_() for t in inputs]
+    fast64, ref64 = _grads(bi_wkv, x64, gy.double()), _grads(bi_wkv_ref, x64, gy.double())
+    for name, a, b in zip(["out", "w", "u", "k", "v"], fast64, ref64):
+        assert rel_rms(a, b, floor=1e-30) < 1e-9, name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bi_wkv_low_precision_computed_in_fp32(dtype):
+    w, u, k, v = _wkv_inputs(2, 130, 16, dtype=dtype)
+    gy = torch.randn(2, 130, 16).to(dtype)
+    fast = _grads(bi_wkv, (w, u, k, v), gy)
+    ref = _grads(bi_wkv_ref, (w, u, k, v), gy)  # float64 inside, from the same rounded inputs
+    for name, a, b in zip(["out", "w", "u", "k", "v"], fast, ref):
+        assert a.dtype == dtype, name
+        assert rel_rms(a.float(), b.float()) < 1e-2, name  # bf16 keeps 8 bits: rounding the result ~4e-3
+
+
+class _LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of live tensor storages created inside the mode (CPU-reliable: counts every op output's storage
+    once, and frees it when the storage dies)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen = set()
+
+    def _free(self, key, n):
+        self.live -= n
+        self._seen.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                key, n = st.data_ptr(), st.nbytes()
+                if n and key not in self._seen:
+                    self._seen.add(key)
+                    self.live += n
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(st, self._free, key, n)
+        return out
+
+
+def _peak_bytes(fn, T, B=1, C=8):
+    w, u, k, v = _wkv_inputs(B, T, C)
+    with _LiveTensorBytes() as m:
+        fn(w, u, k, v).backward(torch.ones(B, T, C))
+    return m.peak
+
+
+def test_bi_wkv_memory_grows_linearly_in_T():
+    """Complexity, not timing: peak live tensor memory of forward + backward grows ×4 for ×4 tokens (the O(T²)
+    reference: ×16), and stays a small multiple of one [B, T, C] fp32 tensor."""
+    fast = [_peak_bytes(bi_wkv, T) for T in (1024, 4096)]
+    assert 3.5 <= fast[1] / fast[0] <= 4.5, fast
+    assert fast[1] <= 16 * 4096 * 8 * 4, fast[1] / (4096 * 8 * 4)
+    ref = [_peak_bytes(bi_wkv_ref, T) for T in (128, 512)]
+    assert ref[1] / ref[0] > 12, ref
+
+
+def test_bi_wkv_65536_tokens():
+    """No token limit: T = 65,536 forward and backward. fp32 against the same op in float64 (whose formulas the
+    tests above check against Eq. 5), and the float64 output at sampled tokens against Eq. 5 itself (O(T) each)."""
+    T, C = 65536, 3
+    w, u, k, v = _wkv_inputs(1, T, C)
+    gy = torch.randn(1, T, C, generator=torch.Generator().manual_seed(1))
+    f32 = _grads(bi_wkv, (w, u, k, v), gy)
+    x64 = [t.detach().double().requires_grad_() for t in (w, u, k, v)]
+    f64 = _grads(bi_wkv, x64, gy.double())
+    for name, a, b in zip(["out", "w", "u", "k", "v"], f32, f64):
+        assert torch.isfinite(a).all() and rel_rms(a, b) < 1e-5, name
+    assert rel_rms(bi_wkv(w, u, k, v, chunk_size=7), f64[0]) < 1e-5  # padded chunks, deeper carry recursion
+    w, u, k, v = (t.detach() for t in x64)
+    i = torch.arange(T, dtype=torch.float64)[:, None]
+    for t in (0, 1, 4097, T // 2, T - 1):
+        logit = -((t - i).abs() - 1) * w + k[0]  # [T, C]
+        logit[t] = u + k[0, t]
+        p = torch.softmax(logit, dim=0)
+        torch.testing.assert_close(f64[0][0, t], (p * v[0]).sum(0), rtol=1e-10, atol=1e-12)
+
+
+def test_bi_wkv_is_a_custom_op_with_fake_and_autograd():
+    w, u, k, v = _wkv_inputs(2, 37, 5)
+    for chunk in (32, 8):  # one chunk; padded chunks with carries
+        torch.library.opcheck(torch.ops.linvision.bi_wkv_fwd.default, (w, u, k, v, chunk))
+
+
+def _f(w, u, k, v):
+    return (torch.sigmoid(k) * bi_wkv(w * 2, u, k, v)).square().sum()
+
+
+def _check_compiled(backend):
+    w, u, k, v = _wkv_inputs(2, 37, 5)
+    compiled = torch.compile(_f, fullgraph=True, backend=backend)
+    got, ref = _grads(compiled, (w, u, k, v), None), _grads(_f, (w, u, k, v), None)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bi_wkv_torch_compile_fullgraph():
+    """Dynamo traces through the op in one graph (fake kernel + registered autograd); aot_eager keeps this fast."""
+    torch._dynamo.reset()
+    _check_compiled("aot_eager")
+
+
+@pytest.mark.slow
+def test_bi_wkv_torch_compile_fullgraph_inductor(tmp_path, monkeypatch):
+    """The default inductor backend (C++ codegen for the ops around it; ~30-50 s on 2 CPU cores). A fresh cache:
+    inductor's on-disk cache does not key on a custom op's outputs."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch._dynamo.reset()
+    _check_compiled("inductor")
+
+
+def test_vrwkv_model_compiles_fullgraph_and_uses_the_op():
+    """vrwkv_* call the custom op by default (one call per block), and a whole model traces as one graph."""
+    model = timm.create_model("test_vrwkv", img_size=32, patch_size=8).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with FlopCounterMode(display=False) as fc:
+        ref = model(x)
+    calls = fc.get_flop_counts()["Global"].get(torch.ops.linvision.bi_wkv_fwd, 0)
+    assert calls == len(model.blocks) * 2 * 29 * 2 * 16 * model.embed_dim
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="aot_eager")(x), ref)
+
+
+def test_bi_wkv_flop_formula():
+    """29 MACs (58 FLOPs) per token and channel forward, as the official get_flops_backbone.py counts Bi-WKV (its
+    mmcv counter counts multiply-accumulates); the backward counts twice the forward."""
+    B, T, C = 2, 37, 5
+    w, u, k, v = _wkv_inputs(B, T, C)
+    with FlopCounterMode(display=False) as fc:
+        bi_wkv(w, u, k, v).sum().backward()
+    counts = fc.get_flop_counts()["Global"]
+    assert counts[torch.ops.linvision.bi_wkv_fwd] == 2 * 29 * B * T * C
+    assert counts[torch.ops.linvision.bi_wkv_bwd] == 4 * 29 * B * T * C
+
+
+def test_bi_wkv_shape_errors():
+    w, u, k, v = _wkv_inputs(1, 4, 5)
+    with pytest.raises(ValueError, match="k and v"):
+        bi_wkv(w, u, k, v[:, :3])
+    with pytest.raises(ValueError, match="w and u"):
+        bi_wkv(w[:4], u, k, v)
+    with pytest.raises(ValueError, match="T >= 1"):
+        bi_wkv(w, u, k[:, :0], v[:, :0])
+    with pytest.raises(ValueError, match="variant"):
+        bi_wkv(w, u, k, v, variant="cuda")
+
+
+@pytest.mark.parametrize("T", [1, 5, 32])
+def test_official_kernel_is_eq5_with_u_plus_w_up_to_32_tokens(T):
+    """With one token per kernel chunk (T <= 32) the kernel's arithmetic is Eq. 5 with u -> u + w (and EPS)."""
+    w, u, k, v = (t.detach().double() for t in _wkv_inputs(2, T, 7))
+    out = bi_wkv(w, u, k, v, variant="official_kernel")
+    assert rel_rms(out, bi_wkv_ref(w, u + w, k, v)) < 1e-5
+    assert rel_rms(out, bi_wkv_official_kernel_ref(w, u, k, v, eps=0.0)) < 1e-5  # EPS: a 1e-6-level effect
+
+
+def test_official_kernel_differs_from_eq5_beyond_32_tokens_and_is_differentiable():
+    w, u, k, v = (t.detach().double().requires_grad_() for t in _wkv_inputs(1, 70, 3))
+    assert rel_rms(bi_wkv_official_kernel_ref(w, u, k, v), bi_wkv_ref(w, u + w, k, v)) > 1e-4
+    assert torch.autograd.gradcheck(lambda *a: bi_wkv_official_kernel_ref(*a), (w, u, k, v))
