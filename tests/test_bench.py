@@ -55,10 +55,11 @@ def test_parse_spec():
 def test_select_models():
     default = [s.text for s in bench.select_models(None)]
     assert default == list(bench.DEFAULT_MODELS)
-    assert {"deit_tiny_patch16_224", "deit_small_patch16_224", "vrwkv_tiny", "vrwkv_small", "vir_small:mode=chunkwise",
-            "vir_tiny:mode=parallel", "vir_tiny:mode=chunkwise"} <= set(default)
+    assert {"deit_tiny_patch16_224", "deit_small_patch16_224", "vrwkv_tiny", "vrwkv_small",
+            "vir_small:mode=chunkwise,chunk_size=256", "vir_tiny:mode=parallel", "vir_tiny:mode=chunkwise,chunk_size=256",
+            "vit_resnas_tiny"} <= set(default)
     sel = [s.text for s in bench.select_models(["vir_tiny*", "vrwkv_base"])]
-    assert sel == ["vir_tiny:mode=parallel", "vir_tiny:mode=chunkwise", "vrwkv_base"]
+    assert sel == ["vir_tiny:mode=parallel", "vir_tiny:mode=chunkwise,chunk_size=256", "vrwkv_base"]
     assert [s.text for s in bench.select_models(["vir_tiny:mode=recurrent*"], "vir")] == ["vir_tiny:mode=recurrent"]
     with pytest.raises(LinvisionError, match="matches none"):
         bench.select_models(["resnet*"])
@@ -120,7 +121,8 @@ def test_failures_are_skipped_with_reason_and_the_run_continues(tmp_path, runner
     runner("always_oom", always_oom)
     runner("broken", broken)
     cfg, out = _cfg(tmp_path, models=["test_vir:fake_oom", "test_vir:always_oom", "test_vir:broken",
-                                      "test_vir:stream", "test_vir"], batch_size=4, resolutions=[32, 64])
+                                      "test_vir:stream", "test_vrwkv:stream", "test_vir"], batch_size=4,
+                    resolutions=[32, 64])
     _, records = bench.run_models(cfg, out)
     by = {(r["model"], r["resolution"]): r for r in records}
     r = by[("test_vir:fake_oom", 32)]  # backed off 4 -> 2 -> 1
@@ -133,8 +135,10 @@ def test_failures_are_skipped_with_reason_and_the_run_continues(tmp_path, runner
     r = by[("test_vir:broken", 32)]
     assert r["status"] == "failed" and "ValueError: simulated bug" in r["reason"]
     assert by[("test_vir:broken", 64)]["status"] == "failed"  # a failure does not block other resolutions
-    r = by[("test_vir:stream", 32)]
+    r = by[("test_vrwkv:stream", 32)]
     assert r["status"] == "skipped" and "forward_stream" in r["reason"]
+    r = by[("test_vir:stream", 32)]
+    assert r["status"] == "skipped" and "one image at a time" in r["reason"]
     assert by[("test_vir", 64)]["status"] == "ok" and by[("test_vir", 64)]["batch_size"] == 4
     saved = json.loads((out / "bench.json").read_text())["records"]
     assert [r["status"] for r in saved] == [r["status"] for r in records]
@@ -203,10 +207,14 @@ def test_custom_op_flop_formula_counts_either_way(monkeypatch):
     B, T, C = 2, 10, 6
     args = (torch.randn(C), torch.randn(C), torch.randn(B, T, C), torch.randn(B, T, C))
     op = torch.ops.linvision_bench_test.wkv
+
+    def wkv_flop(w, u, k, v, out_shape=None, **kwargs) -> int:
+        return 29 * k[0] * k[1] * k[2]  # the counter passes shapes
+
     assert bench.count_flops(lambda: op(*args)) == 0  # unknown op, inner ops hidden by the dispatcher
-    monkeypatch.setitem(bench.CUSTOM_FLOP_FORMULAS, "linvision_bench_test::wkv", bench._bi_wkv_flop)
+    monkeypatch.setitem(bench.CUSTOM_FLOP_FORMULAS, "linvision_bench_test::wkv", wkv_flop)
     assert bench.count_flops(lambda: op(*args)) == 29 * B * T * C
-    monkeypatch.setitem(bench.CUSTOM_FLOP_FORMULAS, "no_such_namespace_xyz::op", bench._bi_wkv_flop)
+    monkeypatch.setitem(bench.CUSTOM_FLOP_FORMULAS, "no_such_namespace_xyz::op", wkv_flop)
     assert bench.count_flops(lambda: op(*args)) == 29 * B * T * C  # missing ops are ignored
     # a formula registered globally (as the op's own module would) wins over ours
     register_flop_formula(op)(lambda *a, out_shape=None, **k: 7)
@@ -214,8 +222,8 @@ def test_custom_op_flop_formula_counts_either_way(monkeypatch):
         assert bench.count_flops(lambda: op(*args)) == 7
     finally:
         flop_registry.pop(op, None)
-    # without the custom op (today's models), Bi-WKV's inner matmuls are counted as they run
-    assert bench.count_flops(lambda: linvision.ops.bi_wkv(*args)) > 0
+    # linvision's own Bi-WKV op registers its formula: 29 MACs = 58 FLOPs per token and channel
+    assert bench.count_flops(lambda: linvision.ops.bi_wkv(*args)) == 58 * B * T * C
 
 
 def test_ops_suite_tiny(tmp_path):

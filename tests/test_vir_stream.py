@@ -276,3 +276,13 @@ def test_cli_predict_stream(tmp_path, tiny_data, capsys):
     assert main(["predict", "--checkpoint", str(tmp_path / "rwkv"), "--stream", str(tmp_path / "big.ppm")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("linvision: error:") and "cannot stream" in err and len(err.splitlines()) == 1
+
+
+def test_retention_factor_cache_survives_inference_mode():
+    """Decay factors cached during an inference_mode forward can be reused by a training forward."""
+    model = timm.create_model("test_vir")
+    x = torch.randn(1, 3, 48, 48)  # a token count no other test uses, so the cache entry is made here
+    with torch.inference_mode():
+        model(x)
+    model(x).sum().backward()
+    assert model.blocks[0].retention.qkv.weight.grad is not None

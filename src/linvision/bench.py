@@ -137,6 +137,7 @@ class LazyImage:
     """A ``resolution``² uint8 RGB image that exists only as row strips generated on demand (for streaming)."""
 
     resolution: int
+    batch: int = 1
     rows: int = 16
 
     def strips(self):
@@ -147,9 +148,7 @@ class LazyImage:
 
 
 def _lazy_image(batch: int, resolution: int, device: torch.device) -> LazyImage:
-    if batch != 1:
-        raise CaseSkip("streaming classifies one image at a time (batch 1)")
-    return LazyImage(resolution)
+    return LazyImage(resolution, batch)
 
 
 @register_runner("stream", supports_train=False, make_input=_lazy_image,
@@ -158,6 +157,8 @@ def _run_stream(model: nn.Module, x: LazyImage) -> torch.Tensor:
     fn = getattr(model, "forward_stream", None)
     if fn is None:
         raise CaseSkip(f"{type(model).__name__} has no forward_stream")
+    if x.batch != 1:
+        raise CaseSkip("streaming classifies one image at a time (batch 1)")
     from .stream import StripSource
     return fn(StripSource(x.strips(), height=x.resolution))
 
@@ -301,22 +302,12 @@ def _sdpa_cpu_backward_flop(grad_out, query, key, value, *args, out_shape=None, 
     return sdpa_backward_flop_count(grad_out, query, key, value)
 
 
-def _bi_wkv_flop(*args, out_shape=None, **kwargs) -> int:
-    """29·T·C FLOPs per sequence of T tokens and C channels (the official Vision-RWKV FLOP script's count), for
-    the first ``[B, T, C]`` argument."""
-    for a in list(args) + list(kwargs.values()):
-        if isinstance(a, (tuple, list)) and len(a) == 3 and all(isinstance(d, int) for d in a):
-            B, T, C = a
-            return 29 * B * T * C
-    return 0
-
-
 # Ops torch's flop counter does not know, by qualified name ("namespace::op"). Entries whose op does not exist
-# (older torch, a custom op not registered yet) are ignored; a formula already in torch's registry wins.
+# (older torch) are ignored; a formula already in torch's registry wins. linvision's Bi-WKV op registers its own
+# (linvision.ops.biwkv: 29 MACs per token and channel, as the official FLOP script).
 CUSTOM_FLOP_FORMULAS: Dict[str, Callable[..., int]] = {
     "aten::_scaled_dot_product_flash_attention_for_cpu": _sdpa_cpu_flop,
     "aten::_scaled_dot_product_flash_attention_for_cpu_backward": _sdpa_cpu_backward_flop,
-    "linvision::bi_wkv": _bi_wkv_flop,
 }
 
 

@@ -100,6 +100,17 @@ def _decay_factors(gamma: torch.Tensor, T: int, scale: float, dtype: torch.dtype
         if hit is not None:
             _FACTOR_CACHE.move_to_end(key)
             return hit
+    # built as normal tensors even under inference_mode, so a cached entry can later be saved for backward
+    with torch.inference_mode(False), torch.no_grad():
+        out = _build_decay_factors(gamma, T, scale, dtype, device)
+    if key is not None and gamma.shape[0] * T * T <= _FACTOR_CACHE_MAX_ELEMS:
+        _FACTOR_CACHE[key] = out
+        while len(_FACTOR_CACHE) > 8:
+            _FACTOR_CACHE.popitem(last=False)
+    return out
+
+
+def _build_decay_factors(gamma: torch.Tensor, T: int, scale: float, dtype: torch.dtype, device: torch.device):
     log_g = torch.log(gamma.to(device=device, dtype=torch.float64))[:, None, None]  # [H, 1, 1], float64: exact
     n = torch.arange(T, device=device, dtype=torch.float64)
     diff = n[:, None] - n[None, :]
@@ -108,13 +119,8 @@ def _decay_factors(gamma: torch.Tensor, T: int, scale: float, dtype: torch.dtype
         return torch.where(e > _LOG_TINY, torch.exp(e), torch.zeros((), dtype=e.dtype, device=device))
 
     D = torch.where(diff >= 0, decay(log_g * diff.clamp(min=0)), torch.zeros((), dtype=torch.float64, device=device))
-    out = ((D * scale).to(dtype), (decay(log_g * (n + 1)[:, None]) * scale).to(dtype),
-           decay(log_g * (T - 1 - n)[:, None]).to(dtype), decay(log_g * T).to(dtype))
-    if key is not None and gamma.shape[0] * T * T <= _FACTOR_CACHE_MAX_ELEMS:
-        _FACTOR_CACHE[key] = out
-        while len(_FACTOR_CACHE) > 8:
-            _FACTOR_CACHE.popitem(last=False)
-    return out
+    return ((D * scale).to(dtype), (decay(log_g * (n + 1)[:, None]) * scale).to(dtype),
+            decay(log_g * (T - 1 - n)[:, None]).to(dtype), decay(log_g * T).to(dtype))
 
 
 def retention_parallel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor,
