@@ -221,9 +221,10 @@ def predict(model: torch.nn.Module, config: dict[str, Any], image_paths: Sequenc
 
 
 # --------------------------------------------------------------------------------------------------- training
-def _write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
+def write_metrics_csv(out: Path, history: list[dict[str, Any]], fields: Sequence[str] = METRIC_FIELDS) -> None:
+    """Atomically (re)write ``out/metrics.csv``: one row per entry of ``history``, columns ``fields``."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore", lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     w.writerows(history)
     atomic_write(out / "metrics.csv", buf.getvalue().encode())
@@ -551,7 +552,7 @@ def _train(args: Namespace, di: DistInfo) -> dict[str, Any]:
         save_state(epoch + 1, 0, None)
         last_ckpt = f"epoch {epoch + 1}"
         if di.is_main:
-            _write_metrics(out, history)
+            write_metrics_csv(out, history)
             _plot_curves(out, history, f"{args.model} on "
                                        f"{Path(str(args.data)).name if args.data else 'cifar10_subset'}")
             h = history[-1]

@@ -7,7 +7,6 @@ helpers (atomic files, resumable ``train_state.pt``). Under ``torchrun`` the mod
 """
 from __future__ import annotations
 
-import csv
 import io
 import logging
 import random
@@ -34,7 +33,7 @@ from ..checkpoint import (MODEL_FILE, STATE_FILE, atomic_write, check_state_dict
                           save_train_state, set_rng_states)
 from ..data import (ImageFolder, SeededSampler, build_transforms, collate_skip_none, default_workers,  # noqa: E402
                     is_small_image_dataset, resolve_data_root, split_dir, stratified_subset)
-from ..engine import model_data_config, setup_threads  # noqa: E402
+from ..engine import model_data_config, setup_threads, write_metrics_csv  # noqa: E402
 from ..errors import LinvisionError  # noqa: E402
 from . import dist  # noqa: E402
 from .space import get_space  # noqa: E402
@@ -163,14 +162,6 @@ def load_supernet(path: str | Path, device: str | torch.device = "cpu") -> Tuple
     check_state_dict(net, sd, d / MODEL_FILE)
     net.load_state_dict(sd)
     return net.to(device).eval(), config
-
-
-def _write_metrics(out: Path, history: List[Dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=METRICS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    w.writerows(history)
-    atomic_write(out / "metrics.csv", buf.getvalue().encode())
 
 
 def _plot(out: Path, history: List[Dict[str, Any]], title: str) -> None:
@@ -352,7 +343,7 @@ def train_supernet(args: Namespace) -> Dict[str, Any]:
             save_train_state(out, {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
                                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step,
                                    "rng": get_rng_states(), "args": run_args, "history": history})
-            _write_metrics(out, history)
+            write_metrics_csv(out, history, METRICS)
             _plot(out, history, f"super-network ({space.name} space)")
             h = history[-1]
             tqdm.write(f"supernet epoch {h['epoch']}/{args.epochs} step {step}: train loss {h['train_loss']:.3f} | "
