@@ -106,19 +106,22 @@ class Runner:
     supports_train: bool = True
     doc: str = ""
     make_input: Optional[Callable[[int, int, torch.device], Any]] = None  # None: torch.randn [B, 3, R, R]
+    build_at_resolution: bool = True  # False: the model keeps its default img_size (its pos-embed is resized per call)
 
 
 RUNNERS: Dict[str, Runner] = {}
 
 
 def register_runner(name: str, supports_train: bool = True, doc: str = "",
-                    make_input: Optional[Callable[[int, int, torch.device], Any]] = None) -> Callable:
+                    make_input: Optional[Callable[[int, int, torch.device], Any]] = None,
+                    build_at_resolution: bool = True) -> Callable:
     """Decorator: register ``fn(model, x) -> logits`` as runner ``name`` (selected in a spec as ``model:name``);
     ``make_input(batch, resolution, device)`` builds ``x`` (default: a random ``[B, 3, R, R]`` tensor).
 
     Register at import time of a linvision module so that the per-case subprocesses see it too."""
     def deco(fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> Callable:
-        RUNNERS[name] = Runner(name, fn, supports_train, doc or (fn.__doc__ or "").strip(), make_input)
+        RUNNERS[name] = Runner(name, fn, supports_train, doc or (fn.__doc__ or "").strip(), make_input,
+                               build_at_resolution)
         return fn
     return deco
 
@@ -151,7 +154,7 @@ def _lazy_image(batch: int, resolution: int, device: torch.device) -> LazyImage:
     return LazyImage(resolution, batch)
 
 
-@register_runner("stream", supports_train=False, make_input=_lazy_image,
+@register_runner("stream", supports_train=False, make_input=_lazy_image, build_at_resolution=False,
                  doc="model.forward_stream(strips): streaming inference (ViR) of an image never held whole")
 def _run_stream(model: nn.Module, x: LazyImage) -> torch.Tensor:
     fn = getattr(model, "forward_stream", None)
@@ -276,10 +279,13 @@ def select_models(patterns: Optional[Sequence[str]], preset: str = "default") ->
 
 def create_model(spec: ModelSpec, resolution: int, device: torch.device | str = "cpu") -> nn.Module:
     """``timm.create_model(arch, num_classes=1000, img_size=resolution, **kwargs)`` with random weights (``img_size``
-    left out for models that do not accept it), on ``device``."""
+    left out for models that do not accept it, and for runners that keep the default size, e.g. streaming, whose
+    weights must not grow with the image), on ``device``."""
     import timm
     kwargs = dict(spec.kwargs)
     kwargs.setdefault("num_classes", 1000)
+    if not RUNNERS[spec.runner].build_at_resolution:
+        return timm.create_model(spec.arch, pretrained=False, **kwargs).to(device)
     try:
         model = timm.create_model(spec.arch, pretrained=False, img_size=resolution, **kwargs)
     except TypeError as e:
