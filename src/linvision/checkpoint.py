@@ -14,7 +14,7 @@ import re
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -55,6 +55,23 @@ def atomic_write(path: str | Path, data: bytes) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def new_figure(figsize: tuple[float, float], dpi: int = 100):
+    """A matplotlib ``Figure`` on the Agg canvas (no pyplot state, safe in any thread or process)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=figsize, dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def atomic_write_png(path: str | Path, fig) -> None:
+    """Render ``fig`` (tight layout) as PNG and write it to ``path`` with :func:`atomic_write`."""
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write(path, buf.getvalue())
 
 
 def remove_stale_temp_files(directory: str | Path, names: tuple[str, ...] = ()) -> list[Path]:
@@ -245,3 +262,16 @@ def load_train_state(directory: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or not {"epoch", "args"} <= set(state):
         raise LinvisionError(f"cannot resume from {f}: it is not a linvision training state")
     return state
+
+
+def check_locked_args(resume: str | Path, old: dict[str, Any], new: dict[str, Any], keys: Sequence[str]) -> None:
+    """Refuse to resume ``resume`` when any of ``keys`` (the arguments that define the run) differs between the
+    stored ``old`` and the requested ``new`` arguments.
+
+    Raises:
+        LinvisionError: naming each changed option as ``--name (old -> new)``.
+    """
+    changed = [k for k in keys if old.get(k) != new.get(k)]
+    if changed:
+        raise LinvisionError(f"cannot resume {resume} with different " + ", ".join(
+            f"--{k.replace('_', '-')} ({old.get(k)} -> {new.get(k)})" for k in changed))

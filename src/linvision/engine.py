@@ -37,8 +37,9 @@ from timm.optim import create_optimizer_v2  # noqa: E402
 from timm.scheduler import create_scheduler_v2  # noqa: E402
 from timm.utils import ModelEmaV3, random_seed  # noqa: E402
 
-from .checkpoint import (STATE_FILE, atomic_write, check_state_dict, get_rng_states,  # noqa: E402
-                         load_train_state, remove_stale_temp_files, save_model, save_train_state, set_rng_states)
+from .checkpoint import (STATE_FILE, atomic_write, atomic_write_png, check_locked_args, check_state_dict,  # noqa: E402
+                         get_rng_states, load_train_state, new_figure, remove_stale_temp_files, save_model,
+                         save_train_state, set_rng_states)
 from .data import (build_loaders, build_transforms, is_small_image_dataset, load_rgb,  # noqa: E402
                    resolve_data_root, IMAGE_ERRORS)
 from .distributed import (DistInfo, all_gather_object, all_reduce_sum, cleanup_distributed,  # noqa: E402
@@ -231,11 +232,8 @@ def write_metrics_csv(out: Path, history: list[dict[str, Any]], fields: Sequence
 
 
 def _plot_curves(out: Path, history: list[dict[str, Any]], title: str) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     ep = [h["epoch"] for h in history]
-    fig = Figure(figsize=(10, 4), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = new_figure((10, 4))
     ax1, ax2 = fig.subplots(1, 2)
     ax1.plot(ep, [h["train_loss"] for h in history], "o-", label="train")
     ax1.plot(ep, [h["test_loss"] for h in history], "o-", label="test")
@@ -248,10 +246,7 @@ def _plot_curves(out: Path, history: list[dict[str, Any]], title: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write(out / "curves.png", buf.getvalue())
+    atomic_write_png(out / "curves.png", fig)
 
 
 def _json_ready(d: dict[str, Any]) -> dict[str, Any]:
@@ -331,10 +326,7 @@ def _train(args: Namespace, di: DistInfo) -> dict[str, Any]:
     out = Path(args.output or args.resume)
     state = load_train_state(args.resume) if args.resume else None
     if state is not None:
-        changed = [k for k in RESUME_LOCKED_ARGS if state["args"].get(k) != getattr(args, k)]
-        if changed:
-            raise LinvisionError(f"cannot resume {args.resume} with different " + ", ".join(
-                f"--{k.replace('_', '-')} ({state['args'].get(k)} -> {getattr(args, k)})" for k in changed))
+        check_locked_args(args.resume, state["args"], vars(args), RESUME_LOCKED_ARGS)
         if state.get("world_size", 1) != di.world_size:
             raise LinvisionError(f"cannot resume {args.resume} with {di.world_size} process(es): it was trained with "
                                  f"{state.get('world_size', 1)} (the global batch and data order depend on it)")

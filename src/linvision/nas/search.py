@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import atomic_write
+from ..checkpoint import atomic_write, atomic_write_png, check_locked_args, new_figure
 from ..errors import LinvisionError
 from ..models.resnas import ConvStem, ResNAS, ResNASBlock, ResidualSpatialReduction
 from . import dist
@@ -356,15 +356,12 @@ def plot_search(path: Path, rows: Sequence[Dict[str, Any]], window: Tuple[float,
                 title: str) -> None:
     """PNG of held-out top-1 vs cost for every evaluated sub-network (colour = iteration), the Pareto front and
     the best candidate; the constraint window shaded."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     if not rows:
         return
     lat = cost == "latency"
     xs = [r["latency_ms"] if lat else r["macs"] / 1e6 for r in rows]
     ys = [r["top1"] for r in rows]
-    fig = Figure(figsize=(7, 5), dpi=110)
-    FigureCanvasAgg(fig)
+    fig = new_figure((7, 5), dpi=110)
     ax = fig.subplots()
     lo, hi = (window[0], window[1]) if lat else (window[0] / 1e6, window[1] / 1e6)
     ax.axvspan(lo, hi, color="0.9", label="constraint window")
@@ -378,10 +375,7 @@ def plot_search(path: Path, rows: Sequence[Dict[str, Any]], window: Tuple[float,
     ax.set(xlabel="latency (ms)" if lat else "MACs (M)", ylabel="held-out top-1 (%)", title=title)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write(path, buf.getvalue())
+    atomic_write_png(path, fig)
 
 
 # --------------------------------------------------------------------------------------------------- the command
@@ -440,10 +434,7 @@ def run_search(args) -> Dict[str, Any]:
         if not f.is_file():
             raise LinvisionError(f"cannot resume: no {SETTINGS_FILE} in {args.resume}")
         old = json.loads(f.read_text())
-        changed = [k for k in SEARCH_LOCKED if old.get(k) != settings.get(k)]
-        if changed:
-            raise LinvisionError(f"cannot resume {args.resume} with different " + ", ".join(
-                f"--{k.replace('_', '-')} ({old.get(k)} -> {settings.get(k)})" for k in changed))
+        check_locked_args(args.resume, old, settings, SEARCH_LOCKED)
     elif (out / HISTORY_FILE).exists():
         raise LinvisionError(f"output folder {out} already holds a search; continue it with --resume {out} "
                              "or choose another --output")

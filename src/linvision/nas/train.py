@@ -7,7 +7,6 @@ helpers (atomic files, resumable ``train_state.pt``). Under ``torchrun`` the mod
 """
 from __future__ import annotations
 
-import io
 import logging
 import random
 import sys
@@ -28,8 +27,8 @@ from timm.optim import create_optimizer_v2  # noqa: E402
 from timm.scheduler import create_scheduler_v2  # noqa: E402
 from timm.utils import random_seed  # noqa: E402
 
-from ..checkpoint import (MODEL_FILE, STATE_FILE, atomic_write, check_state_dict,  # noqa: E402
-                          get_rng_states, load_config, load_state_dict, load_train_state, save_model,
+from ..checkpoint import (MODEL_FILE, STATE_FILE, atomic_write_png, check_locked_args, check_state_dict,  # noqa: E402
+                          get_rng_states, new_figure, load_config, load_state_dict, load_train_state, save_model,
                           save_train_state, set_rng_states)
 from ..data import (ImageFolder, SeededSampler, build_transforms, collate_skip_none, default_workers,  # noqa: E402
                     is_small_image_dataset, resolve_data_root, split_dir, stratified_subset)
@@ -165,11 +164,8 @@ def load_supernet(path: str | Path, device: str | torch.device = "cpu") -> Tuple
 
 
 def _plot(out: Path, history: List[Dict[str, Any]], title: str) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     ep = [h["epoch"] for h in history]
-    fig = Figure(figsize=(10, 4), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = new_figure((10, 4))
     ax1, ax2 = fig.subplots(1, 2)
     ax1.plot(ep, [h["train_loss"] for h in history], "o-")
     ax1.set(xlabel="epoch", ylabel="train loss (sampled sub-networks)", title="loss")
@@ -180,10 +176,7 @@ def _plot(out: Path, history: List[Dict[str, Any]], title: str) -> None:
         ax.grid(alpha=0.3)
     ax2.legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write(out / "curves.png", buf.getvalue())
+    atomic_write_png(out / "curves.png", fig)
 
 
 # --------------------------------------------------------------------------------------------------- training
@@ -219,10 +212,7 @@ def train_supernet(args: Namespace) -> Dict[str, Any]:
     out = Path(args.output or args.resume)
     state = load_train_state(args.resume) if args.resume else None
     if state is not None:
-        changed = [k for k in LOCKED if state["args"].get(k) != getattr(args, k)]
-        if changed:
-            raise LinvisionError(f"cannot resume {args.resume} with different " + ", ".join(
-                f"--{k.replace('_', '-')} ({state['args'].get(k)} -> {getattr(args, k)})" for k in changed))
+        check_locked_args(args.resume, state["args"], vars(args), LOCKED)
     elif (out / STATE_FILE).exists():
         raise LinvisionError(f"output folder {out} already holds a run; continue it with --resume {out} "
                              "or choose another --output")
