@@ -61,3 +61,19 @@ def make_dataset(root: Path, classes=("blue", "red"), n_train: int = 8, n_test: 
 def tiny_data(tmp_path_factory) -> Path:
     """2 classes x (8 train + 4 test) 32x32 JPEGs."""
     return make_dataset(tmp_path_factory.mktemp("tiny") / "tiny")
+
+
+def rel_rms(a: torch.Tensor, b: torch.Tensor, floor: float = 1.0) -> float:
+    """RMS error relative to the reference's RMS; a reference that is exactly zero (e.g. d/du at T = 1) is
+    compared in absolute terms against ``floor`` (the unit RMS of the inputs and upstream gradients)."""
+    a, b = a.double(), b.double()
+    ref = b.pow(2).mean().sqrt().item()
+    return (a - b).pow(2).mean().sqrt().item() / (ref if ref > 0 else floor)
+
+
+def run(capsys, *argv):
+    """``(exit status, stdout, stderr)`` of ``linvision *argv`` run in-process."""
+    from linvision.cli import main
+    rc = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err

@@ -13,17 +13,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import make_dataset
+from conftest import make_dataset, run
 from linvision.cli import main
 
 MODEL = ["--img-size", "32", "--patch-size", "8"]
 FAST = ["--epochs", "1", "--batch-size", "4", "--workers", "0", "--threads", "1", "--warmup-epochs", "0"]
-
-
-def run(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
 
 
 def snapshot(root):

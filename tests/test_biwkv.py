@@ -3,16 +3,13 @@ outputs and the gradients of w, u, k, v, extreme inputs, low precision, linear m
 torch.compile, the FLOP formula — and the official-kernel variant."""
 from __future__ import annotations
 
-import weakref
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 import linvision  # noqa: F401  (registers the models; must precede timm)
 import timm
+from linvision.memory import peak_tensor_bytes
 from linvision.ops import bi_wkv, bi_wkv_official_kernel_ref, bi_wkv_ref
 
 
@@ -142,38 +139,9 @@ def test_bi_wkv_low_precision_computed_in_fp32(dtype):
         assert rel_rms(a.float(), b.float()) < 1e-2, name  # bf16 keeps 8 bits: rounding the result ~4e-3
 
 
-class _LiveTensorBytes(TorchDispatchMode):
-    """Peak bytes of live tensor storages created inside the mode (CPU-reliable: counts every op output's storage
-    once, and frees it when the storage dies)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self._seen = set()
-
-    def _free(self, key, n):
-        self.live -= n
-        self._seen.discard(key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                st = t.untyped_storage()
-                key, n = st.data_ptr(), st.nbytes()
-                if n and key not in self._seen:
-                    self._seen.add(key)
-                    self.live += n
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(st, self._free, key, n)
-        return out
-
-
 def _peak_bytes(fn, T, B=1, C=8):
     w, u, k, v = _wkv_inputs(B, T, C)
-    with _LiveTensorBytes() as m:
-        fn(w, u, k, v).backward(torch.ones(B, T, C))
-    return m.peak
+    return peak_tensor_bytes(lambda: fn(w, u, k, v).backward(torch.ones(B, T, C)))
 
 
 def test_bi_wkv_memory_grows_linearly_in_T():

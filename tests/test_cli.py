@@ -13,17 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TEST_MODELS
+from conftest import TEST_MODELS, run
 from linvision.cli import MAIN_JOB, main, train_args
 
 FAST = ["--epochs", "2", "--batch-size", "4", "--workers", "0", "--warmup-epochs", "1", "--threads", "1"]
-
-
-def run(capsys, *argv):
-    """``(exit status, stdout, stderr)`` of ``linvision *argv`` run in-process."""
-    rc = main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
 
 
 def rows(run_dir):

@@ -8,16 +8,9 @@ import pytest
 import torch
 
 import linvision  # noqa: F401
+from conftest import rel_rms
 from linvision.layers.rwkv import q_shift
 from linvision.ops import retention_chunkwise, retention_parallel, retention_recurrent, retention_ref
-
-
-def rel_rms(a: torch.Tensor, b: torch.Tensor, floor: float = 1.0) -> float:
-    """RMS error relative to the reference's RMS; a reference that is exactly zero (e.g. d/du at T = 1) is
-    compared in absolute terms against ``floor`` (the unit RMS of the inputs and upstream gradients)."""
-    a, b = a.double(), b.double()
-    ref = b.pow(2).mean().sqrt().item()
-    return (a - b).pow(2).mean().sqrt().item() / (ref if ref > 0 else floor)
 
 
 def test_q_shift_against_definition():

@@ -10,15 +10,11 @@ from PIL import Image
 
 import linvision  # noqa: F401  (registers models; must precede timm)
 import timm
+from conftest import rel_rms
 from linvision.memory import peak_tensor_bytes
 from linvision.ops import decay_gammas
 from linvision.ops.retention2d import retention2d_parallel, retention2d_recurrent, retention2d_ref
 from linvision.stream import NpySource, PILSource, StripSource, interpolation_matrix, open_row_source
-
-
-def rel_rms(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()
 
 
 def _inputs(B, R, W, H, K, V, dtype, seed=0):
