@@ -90,3 +90,21 @@ def test_retention_state_splits_a_sequence():
     o1, S1 = retention_parallel(q[:, :23], k[:, :23], v[:, :23], gamma, output_final_state=True)
     o2, S2 = retention_parallel(q[:, 23:], k[:, 23:], v[:, 23:], gamma, initial_state=S1, output_final_state=True)
     assert rel_rms(torch.cat([o1, o2], 1), o_full) < 1e-5 and rel_rms(S2, S_full) < 1e-5
+
+
+def test_retention_parallel_uncached_mask_matches_reference():
+    """Masks too large to cache (H·T² > 2^22) are built per call in the compute dtype: still the reference."""
+    from linvision.ops import decay_gammas
+    from linvision.ops.retention import _FACTOR_CACHE_MAX_ELEMS
+    T, H = 1300, 3
+    assert H * T * T > _FACTOR_CACHE_MAX_ELEMS
+    q, k, v, s0 = _ret_inputs(1, T, H, 8, 4, torch.float32)
+    gamma = decay_gammas(H)
+    o, S = retention_parallel(q, k, v, gamma, initial_state=s0, output_final_state=True)
+    o_ref, S_ref = retention_ref(q, k, v, gamma, initial_state=s0, output_final_state=True)
+    assert rel_rms(o, o_ref) < 1e-5 and rel_rms(S, S_ref) < 1e-5
+    go = torch.randn_like(o)
+    g_fast = torch.autograd.grad((o * go).sum(), (q, k, v))
+    g_ref = torch.autograd.grad((o_ref * go).sum(), (q, k, v))
+    for name, a, b in zip("qkv", g_fast, g_ref):
+        assert rel_rms(a, b) < 1e-5, name
