@@ -26,7 +26,7 @@ _EPILOG = """examples:
 
 A model spec is NAME[:key=value,...][:RUNNER]: key=value items are model kwargs (e.g. mode=chunkwise), a bare
 word picks a runner (registered with linvision.bench.register_runner; `default` = model(x), `stream` =
-model.forward_stream(x)). --models takes specs and fnmatch patterns over the preset's specs.
+linvision.stream.forward_stream(model, strips)). --models takes specs and fnmatch patterns over the preset's specs.
 
 Each case runs in a fresh subprocess, killed at --time-budget; out of memory or too slow halves the batch, then
 the case is skipped with the reason. Results: DIR/bench.csv, DIR/bench.json ({"meta", "records"}),

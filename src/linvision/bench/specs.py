@@ -77,15 +77,15 @@ def _lazy_image(batch: int, resolution: int, device: torch.device) -> LazyImage:
 
 
 @register_runner("stream", supports_train=False, make_input=_lazy_image, build_at_resolution=False,
-                 doc="model.forward_stream(strips): streaming inference (ViR) of an image never held whole")
+                 doc="linvision.stream.forward_stream(model, strips): streaming inference (ViR) of an image never "
+                     "held whole")
 def _run_stream(model: nn.Module, x: LazyImage) -> torch.Tensor:
-    fn = getattr(model, "forward_stream", None)
-    if fn is None:
-        raise CaseSkip(f"{type(model).__name__} has no forward_stream")
+    from ..stream import StripSource, can_stream, forward_stream
+    if not can_stream(model):
+        raise CaseSkip(f"{type(model).__name__} cannot stream (linvision.stream.forward_stream takes ViR models)")
     if x.batch != 1:
         raise CaseSkip("streaming classifies one image at a time (batch 1)")
-    from ..stream import StripSource
-    return fn(StripSource(x.strips(), height=x.resolution))
+    return forward_stream(model, StripSource(x.strips(), height=x.resolution))
 
 
 @dataclass(frozen=True)
