@@ -264,6 +264,46 @@ def test_cli_bench(tmp_path, capsys):
         main(["bench", "--resolutions", "224,abc"])
 
 
+
+def test_progress_is_one_line_per_case_off_a_terminal(tmp_path, capsys, monkeypatch):
+    """Under a pipe or a log file (pytest's capture is not a terminal) no tqdm bar is drawn, only one stderr line
+    per case; the bar needs both stdout and stderr to be terminals (and --progress, on by default)."""
+    import io
+    import sys
+
+    from linvision.bench.suites import progress_enabled
+    rc = main(["bench", "--models", "test_vir", "--resolutions", "32,48", "--iters", "1", "--no-isolate",
+               "--no-flops", "--threads", "1", "--output", str(tmp_path / "cli")])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "%|" not in err, err
+    assert [ln.split(":")[1].strip() for ln in err.splitlines() if ln.startswith("linvision: test_vir ")] == \
+        ["test_vir 32px infer b1", "test_vir 48px infer b1"]
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stdout", Tty())
+    monkeypatch.setattr(sys, "stderr", Tty())
+    assert progress_enabled(bench.BenchConfig()) and not progress_enabled(bench.BenchConfig(progress=False))
+    monkeypatch.setattr(sys, "stdout", io.StringIO())  # e.g. `linvision bench > table.md`
+    assert not progress_enabled(bench.BenchConfig())
+
+
+def test_bench_modules_stay_small():
+    """House rule for the bench package: every module under ~400 lines, every function under ~120."""
+    import ast
+    files = sorted(Path(bench.__file__).parent.glob("*.py"))
+    assert {f.stem for f in files} >= {"__init__", "specs", "measure", "worker", "suites", "report", "cli"}
+    for f in files:
+        text = f.read_text()
+        assert text.count("\n") <= 400, f.name
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef):
+                assert node.end_lineno - node.lineno < 120, f"{f.name}: {node.name}"
+
+
 def test_total_budget_skips_the_rest(tmp_path):
     cfg, out = _cfg(tmp_path, models=["test_vir"], resolutions=[32, 64], total_budget=1e-3)
     _, records = bench.run_models(cfg, out)
@@ -286,5 +326,5 @@ def test_a_killed_worker_keeps_what_it_finished(tmp_path, monkeypatch):
         raise subprocess.TimeoutExpired(cmd, kw["timeout"])
 
     monkeypatch.setattr(subprocess, "run", fake_run)
-    r = bench._execute(case, isolate=True)
+    r = bench.execute_case(case, isolate=True)
     assert r["status"] == "ok" and r["fwd_ms"] > 0 and "killed at the case time budget (60 s)" in r["reason"]

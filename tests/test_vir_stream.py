@@ -14,7 +14,8 @@ from conftest import rel_rms
 from linvision.memory import peak_tensor_bytes
 from linvision.ops import decay_gammas
 from linvision.ops.retention2d import retention2d_parallel, retention2d_recurrent, retention2d_ref
-from linvision.stream import NpySource, PILSource, StripSource, interpolation_matrix, open_row_source
+from linvision.stream import (NpySource, PILSource, StripSource, can_stream, forward_stream, interpolation_matrix,
+                              open_row_source)
 
 
 def _inputs(B, R, W, H, K, V, dtype, seed=0):
@@ -155,8 +156,8 @@ def _normalize(model, img: np.ndarray) -> torch.Tensor:
                                           ("test_vir2d", "recurrent", {}),
                                           ("vir_tiny", "chunkwise", {})])
 def test_stream_equals_whole_image(name, mode, kw, tmp_path):
-    """forward_stream from every kind of source equals the whole-image forward (the pos-embed resized for a grid
-    of 10 x 7 patches, sides not divisible by the patch zero-padded)."""
+    """linvision.stream.forward_stream from every kind of source equals the whole-image forward (the pos-embed
+    resized for a grid of 10 x 7 patches, sides not divisible by the patch zero-padded)."""
     model = _perturbed(name, **kw)
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (150, 97, 3), dtype=np.uint8)
@@ -168,7 +169,7 @@ def test_stream_equals_whole_image(name, mode, kw, tmp_path):
                "ppm": str(tmp_path / "img.ppm"),
                "strips": StripSource((img[i:i + 7] for i in range(0, 150, 7)), height=150)}
     for kind, src in sources.items():
-        out = model.forward_stream(src)
+        out = forward_stream(model, src)
         assert out.shape == ref.shape and (out - ref).abs().max() <= 1e-4, kind
 
 
@@ -212,7 +213,42 @@ def test_stream_sources_errors(tmp_path):
     with pytest.raises(ValueError, match="height"):
         open_row_source(iter([np.zeros((4, 4, 3), np.uint8)]))
     with pytest.raises(ValueError, match="ended before"):
-        timm.create_model("test_vir").forward_stream(iter([np.zeros((16, 64, 3), np.uint8)]), height=64)
+        forward_stream(timm.create_model("test_vir"), iter([np.zeros((16, 64, 3), np.uint8)]), height=64)
+
+
+
+def test_stream_rejects_models_that_cannot_stream():
+    """forward_stream takes ViR / ViR-2D only, and needs a pooled head it can accumulate row by row."""
+    img = np.zeros((32, 32, 3), np.uint8)
+    rwkv = timm.create_model("test_vrwkv")
+    assert not can_stream(rwkv) and can_stream(timm.create_model("test_vir2d"))
+    with pytest.raises(TypeError, match="VisionRWKV cannot stream"):
+        forward_stream(rwkv, img)
+    with pytest.raises(ValueError, match="global_pool"):
+        forward_stream(timm.create_model("test_vir", global_pool=""), img)
+
+
+def test_model_files_import_no_io_module():
+    """One room per concern: linvision/models/*.py import no I/O module (PIL, NumPy, file formats, linvision's
+    stream/data/checkpoint); streaming lives in linvision.stream, which imports the models, not the reverse."""
+    import ast
+    from pathlib import Path
+    io_modules = ("PIL", "numpy", "safetensors", "linvision.stream", "linvision.data", "linvision.checkpoint",
+                  "linvision.bench", "linvision.plots", "matplotlib")
+    files = sorted((Path(linvision.__file__).parent / "models").glob("*.py"))
+    assert len(files) >= 4
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join(["linvision", "models"][:3 - node.level] if node.level else [])
+                mod = ".".join(filter(None, [base, node.module or ""]))
+                names = [mod] + [f"{mod}.{a.name}" for a in node.names]
+            else:
+                continue
+            bad = [n for n in names if any(n == m or n.startswith(m + ".") for m in io_modules)]
+            assert not bad, f"{f.name}:{node.lineno} imports {bad}"
 
 
 def _random_strips(H: int, W: int, rows: int = 16):
@@ -226,7 +262,7 @@ def test_stream_memory_is_constant_in_image_size():
     linvision.memory) of vir_tiny streaming a 2048² image is within 1.2x of a 512² image, while the whole-image
     chunkwise forward grows with the image (the same tool sees the difference)."""
     model = timm.create_model("vir_tiny").eval()
-    stream = {s: peak_tensor_bytes(lambda: model.forward_stream(_random_strips(s, s), height=s)) for s in (512, 2048)}
+    stream = {s: peak_tensor_bytes(lambda: forward_stream(model, _random_strips(s, s), height=s)) for s in (512, 2048)}
     assert stream[2048] <= 1.2 * stream[512], stream
     with torch.no_grad():
         whole = {s: peak_tensor_bytes(lambda: model(torch.randn(1, 3, s, s), mode="chunkwise")) for s in (256, 512)}
@@ -237,7 +273,7 @@ def test_stream_memory_is_constant_in_image_size():
 def test_stream_2d_memory_is_constant_in_height():
     """2D retention keeps one state per column: its streaming memory does not grow with the number of rows."""
     model = timm.create_model("vir2d_tiny").eval()
-    peak = {h: peak_tensor_bytes(lambda: model.forward_stream(_random_strips(h, 256), height=h)) for h in (256, 1024)}
+    peak = {h: peak_tensor_bytes(lambda: forward_stream(model, _random_strips(h, 256), height=h)) for h in (256, 1024)}
     assert peak[1024] <= 1.1 * peak[256], peak
 
 
@@ -263,7 +299,7 @@ def test_cli_predict_stream(tmp_path, tiny_data, capsys):
     assert [r["size"] for r in res] == [[203, 150], [203, 150]] and res[0]["tokens"] == 19 * 26
     model, config = load_model(tmp_path / "vir")
     dc = config["data_config"]
-    probs = model.forward_stream(img, mean=dc["mean"], std=dc["std"]).softmax(1)[0]
+    probs = forward_stream(model, img, mean=dc["mean"], std=dc["std"]).softmax(1)[0]
     for r in res:
         assert r["predictions"][0]["index"] == int(probs.argmax())
         assert abs(r["predictions"][0]["prob"] - float(probs.max())) < 1e-5

@@ -57,23 +57,6 @@ def atomic_write(path: str | Path, data: bytes) -> None:
         os.close(dfd)
 
 
-def new_figure(figsize: tuple[float, float], dpi: int = 100):
-    """A matplotlib ``Figure`` on the Agg canvas (no pyplot state, safe in any thread or process)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=figsize, dpi=dpi)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def atomic_write_png(path: str | Path, fig) -> None:
-    """Render ``fig`` (tight layout) as PNG and write it to ``path`` with :func:`atomic_write`."""
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write(path, buf.getvalue())
-
-
 def remove_stale_temp_files(directory: str | Path, names: tuple[str, ...] = ()) -> list[Path]:
     """Delete the temporary files :func:`atomic_write` leaves behind when killed mid-write (``.NAME.*.tmp`` for
     each of ``names``, default: the checkpoint files); returns those removed. Call only while no other process

@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .nas.cli import add_nas_commands  # ViT-ResNAS pipeline: `supernet train`, `search`
     add_nas_commands(sub, common, fmt)
-    from .bench import add_parser as add_bench_parser  # `linvision bench`: see linvision/bench.py
+    from .bench import add_parser as add_bench_parser  # `linvision bench`: see linvision/bench/
     add_bench_parser(sub)
     return parser
 

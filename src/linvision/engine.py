@@ -37,14 +37,15 @@ from timm.optim import create_optimizer_v2  # noqa: E402
 from timm.scheduler import create_scheduler_v2  # noqa: E402
 from timm.utils import ModelEmaV3, random_seed  # noqa: E402
 
-from .checkpoint import (STATE_FILE, atomic_write, atomic_write_png, check_locked_args, check_state_dict,  # noqa: E402
-                         get_rng_states, load_train_state, new_figure, remove_stale_temp_files, save_model,
+from .checkpoint import (STATE_FILE, atomic_write, check_locked_args, check_state_dict,  # noqa: E402
+                         get_rng_states, load_train_state, remove_stale_temp_files, save_model,
                          save_train_state, set_rng_states)
 from .data import (build_loaders, build_transforms, is_small_image_dataset, load_rgb,  # noqa: E402
                    resolve_data_root, IMAGE_ERRORS)
 from .distributed import (DistInfo, all_gather_object, all_reduce_sum, cleanup_distributed,  # noqa: E402
                           init_distributed)
 from .errors import LinvisionError  # noqa: E402
+from .plots import atomic_write_png, new_figure  # noqa: E402
 
 __all__ = ["setup_threads", "check_model_name", "create_model", "model_data_config", "evaluate", "predict", "train",
            "RESUME_LOCKED_ARGS", "METRIC_FIELDS"]

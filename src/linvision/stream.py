@@ -1,5 +1,11 @@
 """Streaming inference: classify an image far larger than fits as one tensor by feeding it to a recurrent model
-one row of patches at a time (ViR: :meth:`~linvision.models.vir.VisionRetention.forward_stream`).
+one row of patches at a time — :func:`forward_stream` (``linvision.stream.forward_stream(model, source)``).
+
+This module owns streaming: the row sources (file I/O), the per-row patch embedding and the loops over the
+model's blocks, final norm and head, for ViR (1D retention, chunked token sequence) and ViR-2D (row-recurrent 2D
+retention). The models import no I/O module; they provide the pure-tensor step the loops call,
+:meth:`~linvision.models.vir.VisionRetention.forward_blocks` (one piece of the sequence through all blocks, one
+retention state per block).
 
 A *row source* hands out horizontal strips of pixels on demand, so the whole image never exists in memory:
 
@@ -23,6 +29,7 @@ row by row, each row interpolated exactly as for the full grid (bicubic, separab
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -35,9 +42,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import LinvisionError
+from .models.vir import VisionRetention, VisionRetention2D
 
 __all__ = ["RowSource", "NpySource", "PILSource", "ArraySource", "StripSource", "open_row_source",
-           "PatchRowEmbed", "interpolation_matrix"]
+           "PatchRowEmbed", "interpolation_matrix", "can_stream", "row_embed", "forward_stream", "predict_stream",
+           "peak_rss_mib"]
 
 _log = logging.getLogger("linvision")
 
@@ -323,6 +332,105 @@ class PatchRowEmbed:
         return tok + pos[None]
 
 
+def can_stream(model) -> bool:
+    """Whether :func:`forward_stream` takes ``model``: a ViR (:class:`~linvision.models.vir.VisionRetention`, 1D)
+    or ViR-2D (:class:`~linvision.models.vir.VisionRetention2D`) classifier."""
+    return isinstance(model, VisionRetention)
+
+
+def row_embed(model: VisionRetention, source, mean: Optional[Sequence[float]] = None,
+              std: Optional[Sequence[float]] = None, height: Optional[int] = None) -> PatchRowEmbed:
+    """A :class:`PatchRowEmbed` of ``model``'s patch embed and pos-embed over ``source`` (see
+    :func:`open_row_source`); ``mean``/``std`` default to the model's ``pretrained_cfg`` (ImageNet's without one)."""
+    src = open_row_source(source, height=height)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean = cfg.get("mean", (0.485, 0.456, 0.406)) if mean is None else mean
+    std = cfg.get("std", (0.229, 0.224, 0.225)) if std is None else std
+    return PatchRowEmbed(model.patch_embed, model.pos_embed, model.patch_embed.grid_size, src, mean, std)
+
+
+@torch.no_grad()
+def forward_stream(model: VisionRetention, source, mean: Optional[Sequence[float]] = None,
+                   std: Optional[Sequence[float]] = None, height: Optional[int] = None, pre_logits: bool = False,
+                   chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Classify one image of any size with a ViR ``model``, reading ``source`` one row of patches at a time.
+
+    **ViR (1D)**: patch tokens are made from one row's pixel strip at a time, ``chunk_size`` tokens at a time, and
+    the token sequence goes through **all** blocks in chunks of exactly ``chunk_size`` tokens (a chunk may span two
+    rows; the parallel form within a chunk), with one retention state ``[1, H, d, d]`` per block; then the class
+    token. Equals ``model(x, mode='chunkwise')`` on the whole image ``x`` (up to float rounding).
+    **ViR-2D**: each whole row of patches goes through all blocks in the recurrent form with one state
+    ``[1, H, cols, d, d]`` per block, and the final-normed tokens are summed for the average pool. Equals
+    ``model(x, mode='recurrent')``; ``chunk_size`` is ignored.
+
+    Memory is constant in the image height and, apart from one strip of pixels (patch × width × channels, uint8
+    for image files) and, for 2D, the per-column states, in its width; the pos-embed row is resized bicubically
+    exactly as for the full grid (:class:`PatchRowEmbed`). Runs under ``torch.no_grad``.
+
+    Args:
+        model: a ViR / ViR-2D classifier (:func:`can_stream`), in ``eval()`` mode for deterministic results.
+        source: see :func:`open_row_source` — a path (``.npy``, PPM/BMP/uncompressed TIFF streamed; other formats
+            decoded once as 8-bit RGB), a NumPy array ``[H, W, C]``, a tensor ``[1, C, H, W]`` (already
+            normalized), a :class:`RowSource`, or an iterator of strips ``[h_i, W, C]`` with ``height``.
+        mean, std: normalization of integer pixels (default: the model's ``pretrained_cfg``).
+        height: the image height in pixels, for an iterator of strips.
+        pre_logits: return the pooled features ``[1, C]`` instead of logits.
+        chunk_size: 1D: tokens per chunk (default: the model's ``chunk_size``); larger chunks mean fewer, larger
+            operations (faster on CPU) and a larger constant working set.
+
+    Returns:
+        logits ``[1, num_classes]`` (float32), or features ``[1, C]`` with ``pre_logits``.
+
+    Raises:
+        TypeError: ``model`` cannot stream; ValueError: a global pool other than the class token / average, an
+        unsupported source or shape; LinvisionError: an unreadable file.
+    """
+    if not can_stream(model):
+        raise TypeError(f"{type(model).__name__} cannot stream: forward_stream takes ViR models (vir_*, vir2d_*)")
+    pools = ("avg",) if isinstance(model, VisionRetention2D) else ("token_last", "avg")
+    if model.global_pool not in pools:
+        raise ValueError(f"forward_stream needs global_pool {' or '.join(map(repr, pools))}, "
+                         f"got {model.global_pool!r}")
+    emb = row_embed(model, source, mean, std, height)
+    if isinstance(model, VisionRetention2D):
+        x = _stream_rows(model, emb)
+    else:
+        x = _stream_chunks(model, emb, chunk_size or model.chunk_size)
+    x = model.head_drop(x)
+    return x if pre_logits else model.head(x)
+
+
+def _stream_chunks(model: VisionRetention, emb: PatchRowEmbed, chunk: int) -> torch.Tensor:
+    """1D ViR: the pooled final-normed features ``[1, C]`` (class token, or the mean of the patch tokens)."""
+    states: list = [None] * len(model.blocks)
+    pooled, pending, n_pending = None, [], 0  # pending: token segments not yet fed, fewer than chunk in total
+    segments = (emb.row(r, c0, min(emb.cols, c0 + chunk)) for r in range(emb.rows) for c0 in range(0, emb.cols, chunk))
+    for seg in itertools.chain(segments, [None]):
+        if seg is not None:
+            pending.append(seg)
+            n_pending += seg.shape[1]
+        while n_pending >= chunk or (seg is None and n_pending):
+            # full chunks of the token sequence, across row boundaries: the working set is one chunk
+            buf = torch.cat(pending, dim=1) if len(pending) > 1 else pending[0]
+            h = model.norm(model.forward_blocks(buf[:, :chunk], states, "parallel"))
+            if model.global_pool == "avg":
+                pooled = h.sum(1) if pooled is None else pooled + h.sum(1)
+            pending = [buf[:, chunk:]] if buf.shape[1] > chunk else []
+            n_pending = max(0, n_pending - chunk)
+    if model.global_pool == "avg":
+        return pooled / (emb.rows * emb.cols)
+    return model.norm(model.forward_blocks(model.cls_token, states, "parallel"))[:, 0]  # class token last
+
+
+def _stream_rows(model: VisionRetention2D, emb: PatchRowEmbed) -> torch.Tensor:
+    """ViR-2D: the mean ``[1, C]`` of the final-normed patch tokens, row by row (one per-column state per block)."""
+    states: list = [None] * len(model.blocks)
+    pooled = 0.
+    for r in range(emb.rows):
+        pooled = pooled + model.norm(model.forward_blocks(emb.row(r), states, "recurrent", width=emb.cols)).sum(1)
+    return pooled / (emb.rows * emb.cols)
+
+
 def peak_rss_mib() -> float:
     """This process's peak resident set size so far, in MiB (``ru_maxrss``; Linux reports KiB)."""
     import resource
@@ -334,7 +442,7 @@ def peak_rss_mib() -> float:
 def predict_stream(model, config: dict, paths: Sequence[Union[str, Path]], top_k: int = 5,
                    chunk_size: Optional[int] = 256) -> list:
     """``linvision predict --stream``: classify each image file at its **native** resolution (no resize or crop)
-    with ``model.forward_stream``, normalized with the checkpoint's mean/std; ``chunk_size`` tokens per chunk for
+    with :func:`forward_stream`, normalized with the checkpoint's mean/std; ``chunk_size`` tokens per chunk for
     ViR (the same logits as any other chunk size; larger is faster on CPU).
 
     Returns:
@@ -345,7 +453,7 @@ def predict_stream(model, config: dict, paths: Sequence[Union[str, Path]], top_k
         LinvisionError: the model cannot stream, or an image is missing/undecodable.
     """
     import time
-    if not hasattr(model, "forward_stream"):
+    if not can_stream(model):
         raise LinvisionError(f"model {config.get('model')} cannot stream (--stream needs a recurrent model: "
                              "vir_*, vir2d_*)")
     dc, names = config.get("data_config", {}), config.get("class_names") or []
@@ -355,8 +463,8 @@ def predict_stream(model, config: dict, paths: Sequence[Union[str, Path]], top_k
         src = open_row_source(p)
         t0 = time.perf_counter()
         try:
-            kw = {"chunk_size": chunk_size} if model.class_token else {}  # 2D retention streams whole rows
-            probs = model.forward_stream(src, mean=dc.get("mean"), std=dc.get("std"), **kw).float().softmax(dim=1)[0]
+            logits = forward_stream(model, src, mean=dc.get("mean"), std=dc.get("std"), chunk_size=chunk_size)
+            probs = logits.float().softmax(dim=1)[0]
         except (OSError, SyntaxError, ValueError) as e:
             raise LinvisionError(f"cannot decode image {p}: {e}") from None
         finally:

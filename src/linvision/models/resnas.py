@@ -127,7 +127,9 @@ def arch_from_network_def(network_def: Sequence) -> Dict[str, Any]:
     return normalize_arch({"dims": dims, "head_dims": head_dims, "heads": heads, "mlp": mlp, "present": present})
 
 
-def _check_size(h: int, w: int, what: str) -> None:
+def check_size(h: int, w: int, what: str) -> None:
+    """Raise ValueError unless ``h`` × ``w`` (pixels; ``what`` names them in the message) are positive multiples
+    of :data:`SIZE_MULTIPLE` (patch 14, then two 2× spatial reductions)."""
     if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE or h <= 0 or w <= 0:
         raise ValueError(f"ViT-ResNAS needs {what} sides that are multiples of {SIZE_MULTIPLE} (patch {PATCH_SIZE}, "
                          f"then two 2x spatial reductions), e.g. 56, 112, 224, 280; got {h}x{w}")
@@ -246,7 +248,7 @@ class ResNAS(nn.Module):
         super().__init__()
         self.arch = arch = load_arch(arch)
         img_size = to_2tuple(img_size)
-        _check_size(*img_size, "img_size")
+        check_size(*img_size, "img_size")
         assert global_pool in ("", "avg", "token"), f"unknown global_pool {global_pool!r}"
         self.img_size, self.num_classes, self.global_pool = tuple(img_size), num_classes, global_pool
         dims = arch["dims"]
@@ -316,7 +318,7 @@ class ResNAS(nn.Module):
     # ------------------------------------------------------------------ forward
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         """``[B, in_chans, H, W]`` → tokens ``[B, 1 + H/14·W/14, C1]`` (class token first, pos-embed added)."""
-        _check_size(x.shape[-2], x.shape[-1], "input image")
+        check_size(x.shape[-2], x.shape[-1], "input image")
         x = self.patch_embed(x)
         B, C, h, w = x.shape
         pos = torch.cat([self.pos_embed[:, :1],

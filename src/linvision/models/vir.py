@@ -8,7 +8,6 @@ authors' (timm-style) names, so their checkpoints load through :func:`checkpoint
 """
 from __future__ import annotations
 
-import itertools
 from functools import partial
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
@@ -20,7 +19,6 @@ from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed
 from timm.models import generate_default_cfgs, register_model
 
 from ..layers.retention import RETENTION2D_MODES, RETENTION_MODES, MultiScaleRetention, MultiScaleRetention2D
-from ..stream import PatchRowEmbed, open_row_source
 from ._common import build, cfg, init_linear_trunc_normal, resize_pos_embed_2d, square_grid
 
 __all__ = ["VisionRetention", "VisionRetention2D", "ViRBlock", "checkpoint_filter_fn"]
@@ -78,6 +76,10 @@ class VisionRetention(nn.Module):
 
     Shapes: input ``[B, in_chans, H, W]``; ``forward_features`` → ``[B, T + 1, C]`` (class token last);
     ``forward`` → ``[B, num_classes]``.
+
+    Streaming (an image of any size, read row by row, never held whole) is
+    ``linvision.stream.forward_stream(model, source)``; the model stays free of I/O and offers the pure-tensor
+    step it loops over, :meth:`forward_blocks`.
     """
 
     modes = RETENTION_MODES
@@ -166,13 +168,21 @@ class VisionRetention(nn.Module):
         # chunk by chunk through all blocks, one retention state per block
         step = 1 if mode == "recurrent" else self.chunk_size
         states: list = [None] * len(self.blocks)
-        outs = []
-        for s in range(0, x.shape[1], step):
-            h = x[:, s:s + step]
-            for i, blk in enumerate(self.blocks):
-                h, states[i] = blk(h, mode, states[i], output_final_state=True)
-            outs.append(self.norm(h))
+        outs = [self.norm(self.forward_blocks(x[:, s:s + step], states, mode)) for s in range(0, x.shape[1], step)]
         return torch.cat(outs, dim=1)
+
+    def forward_blocks(self, x: torch.Tensor, states: list, mode: str = "parallel", **kw) -> torch.Tensor:
+        """One piece ``x [B, t, C]`` of the token sequence through **all** blocks (no final norm), each block's
+        retention carrying in ``states[i]`` (None: zero state) and leaving its final state there (``states``, one
+        entry per block, is updated in place). Feeding a sequence piece by piece with the same ``states`` list
+        gives the tokens of the whole sequence: the chunkwise/recurrent forward and
+        :func:`linvision.stream.forward_stream` are loops over this. ``mode`` is the retention form used *within*
+        the piece; ``**kw`` goes to the retention layer (2D: ``width=`` patches per row).
+
+        Returns: ``[B, t, C]``."""
+        for i, blk in enumerate(self.blocks):
+            x, states[i] = blk(x, mode, states[i], output_final_state=True, **kw)
+        return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens ``[B, T + 1, C]`` → logits ``[B, num_classes]`` (pooled features if ``pre_logits``)."""
@@ -187,74 +197,6 @@ class VisionRetention(nn.Module):
         """``[B, in_chans, H, W]`` → logits ``[B, num_classes]``; ``mode`` as in :meth:`forward_features`."""
         return self.forward_head(self.forward_features(x, mode))
 
-    def _row_embed(self, source, mean, std, height) -> PatchRowEmbed:
-        src = open_row_source(source, height=height)
-        cfg = getattr(self, "pretrained_cfg", None) or {}
-        mean = cfg.get("mean", (0.485, 0.456, 0.406)) if mean is None else mean
-        std = cfg.get("std", (0.229, 0.224, 0.225)) if std is None else std
-        return PatchRowEmbed(self.patch_embed, self.pos_embed, self.patch_embed.grid_size, src, mean, std)
-
-    @torch.no_grad()
-    def forward_stream(self, source, mean: Optional[Tuple[float, ...]] = None, std: Optional[Tuple[float, ...]] = None,
-                       height: Optional[int] = None, pre_logits: bool = False,
-                       chunk_size: Optional[int] = None) -> torch.Tensor:
-        """Classify one image of any size from a lazily read ``source``, one row of patches at a time.
-
-        Patch tokens are made from one row's pixel strip at a time, ``chunk_size`` tokens at a time, and the token
-        sequence is fed through **all** blocks in chunks of exactly ``chunk_size`` tokens (a chunk may span two
-        rows), with one retention state ``[1, H, d, d]`` per block; then the class token. Memory is constant in
-        the image height and, apart from one strip of pixels (patch × width × channels, uint8 for image files),
-        in its width; the result equals ``model(x, mode='chunkwise')`` on the whole image (up to float rounding;
-        the pos-embed row is resized bicubically exactly as for the full grid).
-
-        Args:
-            source: see :func:`linvision.stream.open_row_source` — a path (``.npy``, PPM/BMP/uncompressed TIFF
-                streamed; other formats decoded once as 8-bit RGB), a NumPy array ``[H, W, C]``, a tensor
-                ``[1, C, H, W]`` (already normalized), a :class:`~linvision.stream.RowSource`, or an iterator
-                of strips ``[h_i, W, C]`` with ``height``.
-            mean, std: normalization of integer pixels (default: the model's ``pretrained_cfg``).
-            pre_logits: return the pooled features ``[1, C]`` instead of logits.
-            chunk_size: tokens per chunk (default: the model's ``chunk_size``); larger chunks mean fewer, larger
-                operations (faster on CPU) and a larger constant working set.
-
-        Returns:
-            logits ``[1, num_classes]`` (float32).
-
-        Raises:
-            LinvisionError: an unreadable file; ValueError: an unsupported source or shape.
-        """
-        if self.global_pool not in ("token_last", "avg"):
-            raise ValueError("forward_stream needs global_pool 'token_last' or 'avg'")
-        emb = self._row_embed(source, mean, std, height)
-        states: list = [None] * len(self.blocks)
-        chunk = chunk_size or self.chunk_size
-
-        def feed(h: torch.Tensor) -> torch.Tensor:  # one chunk: the parallel form with the carried-in state
-            for i, blk in enumerate(self.blocks):
-                h, states[i] = blk(h, "parallel", states[i], output_final_state=True)
-            return h
-
-        pooled, pending = None, []  # pending: token segments not yet fed, fewer than chunk_size in total
-        n_pending = 0
-        segments = (emb.row(r, c0, min(emb.cols, c0 + chunk))
-                    for r in range(emb.rows) for c0 in range(0, emb.cols, chunk))
-        for seg in itertools.chain(segments, [None]):
-            if seg is not None:
-                pending.append(seg)
-                n_pending += seg.shape[1]
-            while n_pending >= chunk or (seg is None and n_pending):
-                # full chunks of the token sequence, across row boundaries: the working set is one chunk
-                buf = torch.cat(pending, dim=1) if len(pending) > 1 else pending[0]
-                h = self.norm(feed(buf[:, :chunk]))
-                if self.global_pool == "avg":
-                    pooled = h.sum(1) if pooled is None else pooled + h.sum(1)
-                pending = [buf[:, chunk:]] if buf.shape[1] > chunk else []
-                n_pending = max(0, n_pending - chunk)
-        cls = self.norm(feed(self.cls_token))[:, 0]
-        x = cls if self.global_pool == "token_last" else pooled / (emb.rows * emb.cols)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
 
 class VisionRetention2D(VisionRetention):
     """ViR with **2D retention** (ViR v2, arXiv 2310.19731 v2): decay γ_h^(|Δrow| + |Δcol|) over the causal
@@ -266,7 +208,7 @@ class VisionRetention2D(VisionRetention):
     ``[B, H, cols, d, d]`` per block: memory constant in the number of rows). ``chunk_size`` is unused.
 
     Shapes: input ``[B, in_chans, H, W]``; ``forward_features`` → ``[B, T, C]`` (patches row-major);
-    ``forward`` → ``[B, num_classes]``.
+    ``forward`` → ``[B, num_classes]``. Streams by whole rows of patches: ``linvision.stream.forward_stream``.
     """
     modes = RETENTION2D_MODES
     retention_layer = MultiScaleRetention2D
@@ -300,34 +242,9 @@ class VisionRetention2D(VisionRetention):
                 else:
                     x = blk(x, mode, width=W)[0]
             return self.norm(x)
-        states: list = [None] * len(self.blocks)
-        outs = []
-        for r in range(R):  # row by row through all blocks, one per-column state per block
-            h = x[:, r * W:(r + 1) * W]
-            for i, blk in enumerate(self.blocks):
-                h, states[i] = blk(h, mode, states[i], output_final_state=True, width=W)
-            outs.append(self.norm(h))
+        states: list = [None] * len(self.blocks)  # row by row through all blocks, one per-column state per block
+        outs = [self.norm(self.forward_blocks(x[:, r * W:(r + 1) * W], states, mode, width=W)) for r in range(R)]
         return torch.cat(outs, dim=1)
-
-    @torch.no_grad()
-    def forward_stream(self, source, mean: Optional[Tuple[float, ...]] = None, std: Optional[Tuple[float, ...]] = None,
-                       height: Optional[int] = None, pre_logits: bool = False) -> torch.Tensor:
-        """As :meth:`VisionRetention.forward_stream`, row-recurrent 2D retention: each whole row of patches goes
-        through all blocks with one state ``[1, H, cols, d, d]`` per block, and the final-normed tokens are summed
-        for the average pool. Memory is constant in the image height and linear in its width (the per-column
-        states); the result equals ``model(x, mode='recurrent')`` on the whole image."""
-        if self.global_pool != "avg":
-            raise ValueError("forward_stream needs global_pool 'avg'")
-        emb = self._row_embed(source, mean, std, height)
-        states: list = [None] * len(self.blocks)
-        pooled = 0.
-        for r in range(emb.rows):
-            h = emb.row(r)
-            for i, blk in enumerate(self.blocks):
-                h, states[i] = blk(h, "recurrent", states[i], output_final_state=True, width=emb.cols)
-            pooled = pooled + self.norm(h).sum(1)
-        x = self.head_drop(pooled / (emb.rows * emb.cols))
-        return x if pre_logits else self.head(x)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionRetention) -> Dict[str, torch.Tensor]:

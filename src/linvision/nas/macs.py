@@ -14,7 +14,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..models.resnas import PATCH_SIZE, _check_size, normalize_arch
+from ..models.resnas import PATCH_SIZE, check_size, normalize_arch
 
 __all__ = ["count_macs", "analytic_macs"]
 
@@ -51,7 +51,7 @@ def analytic_macs(arch: Dict[str, Any], img_size: Union[int, Tuple[int, int]] = 
         arch = normalize_arch(arch)
     stem_chans = stem_chans or arch.get("stem_chans", 24)
     H, W = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    _check_size(H, W, "img_size")
+    check_size(H, W, "img_size")
     h2, w2 = (H + 1) // 2, (W + 1) // 2                  # conv1: 3x3 stride 2 pad 1
     macs = h2 * w2 * 9 * stem_chans * (in_chans + 2 * stem_chans)
     gh, gw = H // PATCH_SIZE, W // PATCH_SIZE

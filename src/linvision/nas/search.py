@@ -33,7 +33,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import atomic_write, atomic_write_png, check_locked_args, new_figure
+from ..checkpoint import atomic_write, check_locked_args
+from ..plots import atomic_write_png, new_figure
 from ..errors import LinvisionError
 from ..models.resnas import ConvStem, ResNAS, ResNASBlock, ResidualSpatialReduction
 from . import dist

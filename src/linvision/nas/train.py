@@ -27,13 +27,14 @@ from timm.optim import create_optimizer_v2  # noqa: E402
 from timm.scheduler import create_scheduler_v2  # noqa: E402
 from timm.utils import random_seed  # noqa: E402
 
-from ..checkpoint import (MODEL_FILE, STATE_FILE, atomic_write_png, check_locked_args, check_state_dict,  # noqa: E402
-                          get_rng_states, new_figure, load_config, load_state_dict, load_train_state, save_model,
+from ..checkpoint import (MODEL_FILE, STATE_FILE, check_locked_args, check_state_dict,  # noqa: E402
+                          get_rng_states, load_config, load_state_dict, load_train_state, save_model,
                           save_train_state, set_rng_states)
 from ..data import (ImageFolder, SeededSampler, build_transforms, collate_skip_none, default_workers,  # noqa: E402
                     is_small_image_dataset, resolve_data_root, split_dir, stratified_subset)
 from ..engine import model_data_config, setup_threads, write_metrics_csv  # noqa: E402
 from ..errors import LinvisionError  # noqa: E402
+from ..plots import atomic_write_png, new_figure  # noqa: E402
 from . import dist  # noqa: E402
 from .space import get_space  # noqa: E402
 from .supernet import ResNASSuperNet  # noqa: E402
