@@ -14,10 +14,13 @@ initialized; a single process needs nothing) gives exactly the data set's number
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
-from torchmetrics.classification import MulticlassConfusionMatrix
+
+from .. import _compat  # noqa: F401  (torchmetrics imports torchvision)
+from torchmetrics.classification import MulticlassConfusionMatrix  # noqa: E402
 
 __all__ = ["SegmentationMetrics", "metrics_from_confusion"]
 
@@ -70,8 +73,10 @@ class SegmentationMetrics:
         self.confmat.update(preds, target.to(preds.device))
 
     def confusion(self) -> torch.Tensor:
-        """The ``[K, K]`` int64 confusion matrix so far (synced across ranks)."""
-        return self.confmat.compute()
+        """The ``[K, K]`` int64 confusion matrix so far (synced across ranks; zeros before any update)."""
+        with warnings.catch_warnings():  # a rank may have had no batch: its zeros still take part in the sum
+            warnings.filterwarnings("ignore", message=".*was called before the ``update`` method")
+            return self.confmat.compute()
 
     def compute(self) -> dict[str, Any]:
         return metrics_from_confusion(self.confusion())

@@ -50,11 +50,9 @@ def _labels(mask: torch.Tensor | np.ndarray) -> np.ndarray:
     return a.astype(np.int64)
 
 
-def _lut(palette: Sequence[Sequence[int]] | None, num_colors: int) -> np.ndarray:
-    """``[n, 3]`` uint8 table: palette colours, then IGNORE_COLOR for every other label below ``n``."""
-    palette = list(palette) if palette is not None else default_palette(num_colors)
-    n = max(num_colors, len(palette))
-    lut = np.tile(np.array(IGNORE_COLOR, np.uint8), (n, 1))
+def _lut(palette: Sequence[Sequence[int]], n: int) -> np.ndarray:
+    """``[max(n, len(palette)), 3]`` uint8 table: the palette's colours, then IGNORE_COLOR."""
+    lut = np.tile(np.array(IGNORE_COLOR, np.uint8), (max(n, len(palette)), 1))
     lut[:len(palette)] = np.asarray(palette, np.uint8).reshape(-1, 3)
     return lut
 
@@ -73,8 +71,7 @@ def colorize(mask: torch.Tensor | np.ndarray, palette: Sequence[Sequence[int]] |
         raise ValueError(f"mask has negative label {int(a.min())}")
     top = int(a.max(initial=-1)) + 1
     k = num_classes or (len(palette) if palette is not None else top)
-    lut = _lut(palette, max(k, top))
-    return lut[a]
+    return _lut(palette if palette is not None else default_palette(k), top)[a]
 
 
 def save_color_mask(path: str | Path, mask: torch.Tensor | np.ndarray,
