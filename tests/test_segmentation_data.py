@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from linvision.errors import LinvisionError
-from linvision.segmentation import (SegCollate, SegmentationDataset, build_seg_loaders, build_seg_transform,
+from linvision.segmentation import (SegCollate, SegMeta, SegmentationDataset, build_seg_loaders, build_seg_transform,
                                     load_meta, read_mask)
 
 CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid.tar.gz"
@@ -79,6 +79,7 @@ def test_num_classes_inferred_from_train_masks_without_classes_json(tmp_path):
     meta = load_meta(root)
     assert meta.num_classes == 5 and meta.ignore_index == 255 and meta.classes[4] == "class4"
     assert load_meta(root, num_classes=7).num_classes == 7
+    assert SegMeta.from_dict(meta.to_dict()) == meta
 
 
 def test_jpeg_images_and_palette_png_masks(tmp_path):

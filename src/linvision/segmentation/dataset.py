@@ -63,8 +63,10 @@ class SegMeta:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (e.g. for a checkpoint's config); :meth:`from_dict` inverts it."""
-        return {"classes": list(self.classes), "palette": [list(c) for c in self.palette] if self.palette else None,
-                "ignore_index": self.ignore_index, "ignore_color": list(self.ignore_color) if self.ignore_color else None}
+        return {"classes": list(self.classes),
+                "palette": [list(c) for c in self.palette] if self.palette else None,
+                "ignore_index": self.ignore_index,
+                "ignore_color": list(self.ignore_color) if self.ignore_color else None}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "meta") -> "SegMeta":
@@ -235,11 +237,11 @@ def read_mask(path: str | Path, meta: SegMeta | None = None) -> np.ndarray:
 
 
 def _check_values(a: np.ndarray, path: Path, meta: SegMeta) -> None:
-    bad = (a >= meta.num_classes) & (a != meta.ignore_index) | (a < 0)
+    bad = ((a >= meta.num_classes) & (a != meta.ignore_index)) | (a < 0)
     if bad.any():
         vals = np.unique(a[bad])
-        raise LinvisionError(f"mask {path} has value {int(vals[0])}{f' (and {len(vals) - 1} more)' if len(vals) > 1 else ''}"
-                             f" outside the {meta.num_classes} classes [0, {meta.num_classes}) and not the "
+        more = f" (and {len(vals) - 1} more)" if len(vals) > 1 else ""
+        raise LinvisionError(f"mask {path} has value {int(vals[0])}{more} outside the {meta.num_classes} classes [0, {meta.num_classes}) and not the "
                              f"ignore_index {meta.ignore_index}")
 
 
