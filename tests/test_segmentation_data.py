@@ -270,6 +270,15 @@ def test_loaders_batch_shapes_and_seeded_sampler(seg_root):
     assert x.shape == (1, 3, 12, 16)
 
 
+def test_worker_processes_give_the_same_batches(seg_root):
+    def batches(workers):
+        train, _, _ = build_seg_loaders(seg_root, 1, (8, 8), num_workers=workers, seed=1)
+        train.sampler.set_epoch(2)
+        return list(train)
+    for (x0, y0), (x1, y1) in zip(batches(0), batches(1), strict=True):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)
+
+
 def test_collate_pads_mixed_sizes_with_ignore_index():
     a = (torch.ones(3, 4, 5), torch.zeros(4, 5, dtype=torch.long))
     b = (torch.ones(3, 6, 3), torch.ones(6, 3, dtype=torch.long))
@@ -291,3 +300,15 @@ def test_camvid_archive():
     assert img.shape == (3, 360, 480) and mask.shape == (360, 480) and mask.dtype == torch.int64
     assert set(mask.unique().tolist()) <= set(range(12))
     assert read_mask(ds.samples[0][1]).shape == (360, 480)
+
+
+def test_exif_rotated_jpeg_matches_its_rotated_mask(tmp_path):
+    root = make_seg(tmp_path / "s", n=(1, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° on display: the 16x12 stored image is shown 12x16
+    Image.new("RGB", (16, 12)).save(root / "train/images/rot.jpg", exif=exif)
+    Image.fromarray(np.zeros((16, 12), np.uint8)).save(root / "train/masks/rot.png")
+    ds = SegmentationDataset(root, "train")
+    i = [p[1].name for p in ds.samples].index("rot.png")
+    img, mask = ds[i]
+    assert img.size == (12, 16) and mask.shape == (16, 12)

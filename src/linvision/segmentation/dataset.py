@@ -282,7 +282,8 @@ class SegmentationDataset(Dataset):
         try:
             with Image.open(img) as im:
                 isize = im.size
-                orientation = im.getexif().get(0x0112, 1) if im.format in ("JPEG", "TIFF", "WEBP", "PNG") else 1
+                # EXIF orientation from headers only (a PNG's eXIf chunk may follow the pixels: checked at load)
+                orientation = im.getexif().get(0x0112, 1) if im.format in ("JPEG", "TIFF", "WEBP") else 1
             with Image.open(mask) as m:
                 msize, mmode = m.size, m.mode
         except IMAGE_ERRORS:
