@@ -7,7 +7,8 @@ Model contract as timm's: ``forward_features -> [B, T, C]`` (final-normed tokens
 (pos-embed resized bicubically; sides not divisible by the patch are zero-padded bottom/right, as the official
 mmcv ``PatchEmbed(padding='corner')`` does).
 
-Official checkpoints (``backbone.layers.N.att.*``, ``head.fc.*``) load through :func:`checkpoint_filter_fn`::
+Official checkpoints (mmcls: ``backbone.layers.N.att.*``, ``head.fc.*``; VRWKV-L's InternImage-code checkpoint:
+``{'model': {backbone.*, head.0.*, head.2.*}}``) load through :func:`checkpoint_filter_fn`::
 
     timm.create_model("vrwkv_tiny", pretrained=True, pretrained_cfg_overlay=dict(file="vrwkv_t_in1k_224.pth"))
 
@@ -179,13 +180,19 @@ _BLOCK_RENAMES = [(".att.", ".spatial_mix."), (".ffn.", ".channel_mix."), ("spat
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionRWKV) -> Dict[str, torch.Tensor]:
-    """Map an official Vision-RWKV state dict (mmcls keys) to this model's keys.
+    """Map an official Vision-RWKV state dict to this model's keys.
 
-    Accepts a raw state dict or an mmcls checkpoint (``{'state_dict': ...}``); drops ``__*__`` entries (golden
-    files); resizes ``pos_embed`` to the model's grid (bicubic, as mmcls ``resize_pos_embed``). A state dict
-    already in linvision's keys passes through (pos-embed still resized).
+    Two official formats: mmcls (``classification/``: ``backbone.*``, ``head.fc.*`` or, with a hidden head,
+    ``head.layers.{pre_logits,head}.*``; checkpoint ``{'state_dict': ...}``) and the InternImage code base
+    (``classification_internimage/models/vrwkv.py``, VRWKV-L ``vrwkv_l_22kto1k_384.pth``: checkpoint
+    ``{'model': ...}``, the same ``backbone.*`` keys, head ``nn.Linear`` → ``head.*`` for depth ≤ 12, else
+    ``nn.Sequential(Linear(C, hidden), Tanh, Linear(hidden, classes))`` → ``head.0.*``, ``head.2.*``).
+    Drops ``__*__`` entries (golden files); resizes ``pos_embed`` to the model's grid (bicubic, as mmcls
+    ``resize_pos_embed``). A state dict already in linvision's keys passes through (pos-embed still resized).
     """
-    state_dict = state_dict.get("state_dict", state_dict)
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state_dict.get(wrapper), dict):
+            state_dict = state_dict[wrapper]
     out = {}
     for k, v in state_dict.items():
         if k.startswith("__"):
@@ -209,6 +216,10 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionRWKV)
             k = "pre_logits.fc." + k[len("head.layers.pre_logits."):]
         elif k.startswith("head.layers.head."):
             k = "head." + k[len("head.layers.head."):]
+        elif k.startswith("head.0."):  # InternImage nn.Sequential head: 0 Linear(C, hidden), 1 Tanh, 2 Linear
+            k = "pre_logits.fc." + k[len("head.0."):]
+        elif k.startswith("head.2."):
+            k = "head." + k[len("head.2."):]
         if k == "pos_embed" and v.shape != model.pos_embed.shape:
             v = resize_pos_embed_2d(v, square_grid(v.shape[1]), model.patch_embed.grid_size)
         out[k] = v
