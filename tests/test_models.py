@@ -29,7 +29,8 @@ def _small_size(name: str) -> int:
 def test_registry_lists_every_family():
     for name in ["vrwkv_tiny", "vrwkv_small", "vrwkv_base", "vrwkv_large", "vir_tiny", "vir_small", "vir_base",
                  "test_vrwkv", "test_vrwkv_postnorm", "test_vir", "vit_res_tiny", "vit_resnas_tiny",
-                 "vit_resnas_small", "vit_resnas_medium", "test_resnas"]:
+                 "vit_resnas_small", "vit_resnas_medium", "test_resnas", "vrwkv6_tiny", "vrwkv6_small", "vrwkv6_base",
+                 "test_vrwkv6", "test_vrwkv6_postnorm"]:
         assert name in MODELS and timm.is_model(name)
 
 

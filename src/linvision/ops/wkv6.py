@@ -20,8 +20,9 @@ Two forms, same signature ``(r, k, v, w, u) -> y``:
   chunk of ``L`` tokens the pairwise decays ``exp(sum of log a over the tokens strictly between)`` are formed in
   log space (cumulative sums in float64, every exponent ≤ 0, so nothing overflows and vanishing decays underflow to
   the true ~0 — a cumulative *product* ``prod a`` divided by another underflows in float32 for decays ~4e-4 per
-  token: 0/0); across chunks a ``[N, N]`` state per head is carried. Backward is autograd through this form; live
-  memory is O(B·T·C·L) with ``L ≤ N``.
+  token: 0/0); across chunks a ``[N, N]`` state per head is carried. Backward is autograd through this form,
+  checkpointed: only the inputs are kept for backward (as the official kernel keeps r, k, v, w, u), the chunked
+  form is recomputed there; transient memory O(B·T·C·L) (the ``[L, L, N]`` pairwise decays of each chunk).
 """
 from __future__ import annotations
 
@@ -82,6 +83,18 @@ def wkv6_ref(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
     return y.transpose(1, 2).reshape(B, T, C).to(r.dtype)
 
 
+def _intra_chunk(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, excl: torch.Tensor, incl: torch.Tensor
+                 ) -> torch.Tensor:
+    """Within each chunk ``[B', H, n, L, N]``: ``sum_{s<t} r_t diag(exp(excl_t - incl_s)) k_s^T v_s``, the
+    log-decay between ``s < t`` being ``excl_t - incl_s = sum_{m=s+1}^{t-1} log a_m <= 0`` (float64 difference,
+    then ``r.dtype``)."""
+    L = r.shape[-2]
+    mask = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)[:, :, None]  # [t, s, 1]
+    D = (excl[..., :, None, :] - incl[..., None, :, :]).to(r.dtype).masked_fill_(~mask, float("-inf"))
+    A = torch.einsum("bhctj,bhcsj,bhctsj->bhcts", r, k, torch.exp(D))  # [B', H, n, L, L]
+    return A @ v
+
+
 def _causal_chunked(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lw: torch.Tensor, L: int) -> torch.Tensor:
     """Strictly causal part ``sum_{s<t} r_t diag(prod_{m=s+1}^{t-1} a_m) k_s^T v_s`` of ``[B', H, T, N]`` inputs,
     ``lw = log a = -exp(w)`` (float64), in chunks of ``L`` tokens; result in ``r.dtype``."""
@@ -94,11 +107,7 @@ def _causal_chunked(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lw: torch
     incl = lw.cumsum(dim=3)  # float64: sum of log a over chunk tokens 0..t
     excl = incl - lw  # 0..t-1
     dt = r.dtype
-    # intra-chunk: log-decay between s < t is excl_t - incl_s = sum_{m=s+1}^{t-1} log a_m <= 0
-    mask = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)[:, :, None]  # [t, s, 1]
-    D = (excl[..., :, None, :] - incl[..., None, :, :]).masked_fill(~mask, float("-inf")).to(dt)
-    A = torch.einsum("bhctj,bhcsj,bhctsj->bhcts", r, k, torch.exp(D))  # [B', H, n, L, L]
-    y = A @ v
+    y = _intra_chunk(r, k, v, excl, incl)
     # inter-chunk: chunk-end states S_c = sum over earlier chunks; all exponents <= 0
     k_end = k * torch.exp(incl[..., -1:, :] - incl).to(dt)  # decay from s to the chunk's end (exclusive of s)
     U = k_end.transpose(-1, -2) @ v  # [B', H, n, N, N]
@@ -123,7 +132,8 @@ def wkv6(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: 
         chunk_size: tokens per chunk ``L`` (memory O(B·T·C·L); any T, the last chunk is padded).
 
     Returns:
-        ``[B, T, C]`` in ``r.dtype``; float16/bfloat16 inputs are computed in float32. Differentiable (autograd).
+        ``[B, T, C]`` in ``r.dtype``; float16/bfloat16 inputs are computed in float32. Differentiable (autograd
+        through the chunked form, checkpointed: only the inputs are kept for backward).
 
     Raises:
         ValueError: on mismatched shapes or ``chunk_size < 1``.
@@ -131,6 +141,14 @@ def wkv6(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: 
     _check(r, k, v, w, u, "wkv6")
     if chunk_size < 1:
         raise ValueError(f"wkv6: chunk_size must be >= 1, got {chunk_size}")
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (r, k, v, w, u)):
+        # keep only the inputs for backward (as the official kernel does) and recompute the chunked form there
+        return torch.utils.checkpoint.checkpoint(_wkv6_chunked, r, k, v, w, u, chunk_size, use_reentrant=False)
+    return _wkv6_chunked(r, k, v, w, u, chunk_size)
+
+
+def _wkv6_chunked(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
+                  chunk_size: int) -> torch.Tensor:
     B, T, C = r.shape
     H, N = u.shape
     dt = torch.float64 if r.dtype == torch.float64 else torch.float32
