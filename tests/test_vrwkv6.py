@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import linvision  # noqa: F401  (registers the models; must precede timm)
 import timm
-from conftest import rel_rms
+from conftest import rel_rms, run
 from linvision.layers import rwkv6 as rwkv6_layers
 from linvision.memory import TensorMemoryTracker, peak_tensor_bytes
 from linvision.ops import wkv6, wkv6_ref
@@ -322,3 +322,15 @@ def test_vrwkv6_other_input_sizes_and_bad_heads():
             assert out.shape == (1, 5) and torch.isfinite(out).all()
     with pytest.raises(ValueError, match="num_heads=3 x head_size=64"):
         timm.create_model("vrwkv6_tiny", embed_dim=128)
+
+
+def test_linvision_train_vrwkv6(tiny_data, tmp_path, capsys):
+    """``linvision train --model test_vrwkv6`` (any timm-registered name works) trains 2 steps, saves and evaluates."""
+    out = tmp_path / "run"
+    rc, stdout, _ = run(capsys, "train", "--model", "test_vrwkv6", "--img-size", "32", "--patch-size", "8",
+                        "--data", tiny_data, "--output", out, "--epochs", "1", "--batch-size", "4", "--workers", "0",
+                        "--threads", "1", "--max-steps", "2")
+    assert rc == 0 and "test top-1" in stdout and (out / "model.safetensors").is_file()
+    rc, stdout, _ = run(capsys, "eval", "--checkpoint", out, "--data", tiny_data, "--json", "--workers", "0",
+                        "--threads", "1")
+    assert rc == 0 and json.loads(stdout)["n"] == 8
