@@ -49,7 +49,8 @@ def wkv6_ref(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
     """Bidirectional WKV6 reference, float64, the official ``kernel_forward`` recurrences line by line.
 
     Loop 1, ``t = T-1 … 0``, ``S2 = 0``: ``y_t = r_t S2``; ``S2 = diag(a_t) S2 + k_t^T v_t``.
-    Loop 2, ``t = 0 … T-1``, ``S1 = 0``: ``y_t += r_t (diag(u) k_t^T v_t + S1)``; ``S1 = diag(a_t) S1 + k_t^T v_t``; ``a_t = exp(-exp(w_t))``.
+    Loop 2, ``t = 0 … T-1``, ``S1 = 0``: ``y_t += r_t (diag(u) k_t^T v_t + S1)``; ``S1 = diag(a_t) S1 + k_t^T v_t``.
+    Here ``a_t = exp(-exp(w_t))``.
 
     Args:
         r, k, v: ``[B, T, C]`` receptance, key, value (C = H·N).
