@@ -29,7 +29,8 @@ def _small_size(name: str) -> int:
 def test_registry_lists_every_family():
     for name in ["vrwkv_tiny", "vrwkv_small", "vrwkv_base", "vrwkv_large", "vir_tiny", "vir_small", "vir_base",
                  "test_vrwkv", "test_vrwkv_postnorm", "test_vir", "vit_res_tiny", "vit_resnas_tiny",
-                 "vit_resnas_small", "vit_resnas_medium", "test_resnas"]:
+                 "vit_resnas_small", "vit_resnas_medium", "test_resnas", "vrwkv6_tiny", "vrwkv6_small", "vrwkv6_base",
+                 "test_vrwkv6", "test_vrwkv6_postnorm"]:
         assert name in MODELS and timm.is_model(name)
 
 
@@ -248,3 +249,67 @@ def test_vir_retention_norm_keeps_modes_equivalent():
         ref = model(x)
         for mode in ("chunkwise", "recurrent"):
             assert (model(x, mode=mode) - ref).abs().max() <= 1e-5
+
+
+# ------------------------------------------------- VRWKV-L's InternImage-code checkpoint format (issue 14)
+def _to_internimage(sd: dict, head0=None) -> dict:
+    """Official mmcls keys -> the keys ``classification_internimage/models/vrwkv.py`` (VRWKV_Classification)
+    saves under ``{'model': ...}``: same ``backbone.*``; head ``nn.Linear`` -> ``head.*``, or with ``head0`` =
+    (weight, bias) of its first Linear, ``nn.Sequential(Linear, Tanh, Linear)`` -> ``head.0.*`` / ``head.2.*``."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("__"):
+            continue
+        if k.startswith("head.fc."):
+            k = ("head.2." if head0 is not None else "head.") + k[len("head.fc."):]
+        elif k.startswith("head.layers.pre_logits."):
+            k = "head.0." + k[len("head.layers.pre_logits."):]
+        elif k.startswith("head.layers.head."):
+            k = "head.2." + k[len("head.layers.head."):]
+        out[k] = v
+    if head0 is not None:
+        out["head.0.weight"], out["head.0.bias"] = head0
+    return {"model": out, "epoch": 29, "max_accuracy": 86.0}
+
+
+@pytest.mark.skipif(not GOLDEN.exists(), reason="../shared/golden not present on this machine")
+@pytest.mark.parametrize("hidden", [None, 48])
+def test_internimage_format_golden(tmp_path, hidden):
+    """The key_norm/post_norm golden re-keyed as the InternImage code names it, saved as its .pth checkpoint, loads
+    and reproduces the official logits; with a Linear-Tanh-Linear head (``head.0``/``head.2``, as VRWKV-L) the
+    expected logits are computed from the golden's pooled features ``head.2(tanh(head.0(f)))``."""
+    ref = load_file(str(GOLDEN / "vrwkv_golden_small_postnorm_rand.safetensors"))
+    expected, kw, head0 = ref["__logits__"], {}, None
+    if hidden:
+        g = torch.Generator().manual_seed(3)
+        head0 = (torch.randn(hidden, 64, generator=g) / 8, torch.randn(hidden, generator=g))
+        w2, b2 = torch.randn(10, hidden, generator=g) / hidden ** 0.5, torch.randn(10, generator=g)
+        ref = {**ref, "head.fc.weight": w2, "head.fc.bias": b2}
+        expected = torch.tanh(ref["__features__"] @ head0[0].T + head0[1]) @ w2.T + b2
+        kw = dict(head_hidden_size=hidden)
+    file = tmp_path / "vrwkv_internimage.pth"
+    torch.save(_to_internimage(ref, head0), file)
+    model = timm.create_model("test_vrwkv_postnorm", pretrained=True, pretrained_cfg_overlay=dict(file=str(file)),
+                              **kw).eval()
+    with torch.no_grad():
+        assert (model(ref["__input__"]) - expected).abs().max() <= 1e-4
+    # the filter also unwraps the raw checkpoint dict itself
+    mapped = linvision.models.vrwkv.checkpoint_filter_fn(_to_internimage(ref, head0), model)
+    assert set(mapped) == set(model.state_dict())
+
+
+def test_vrwkv_large_internimage_format(tmp_path):
+    """vrwkv_large (shrunk to depth 2) through the InternImage names, incl. head.0/head.2, reproduces its logits."""
+    torch.manual_seed(0)
+    src = timm.create_model("vrwkv_large", img_size=64, depth=2, num_classes=11).eval()
+    for p in src.parameters():  # move every parameter off its init so a swapped key changes the logits
+        p.data.add_(0.05 * torch.randn_like(p))
+    file = tmp_path / "vrwkv_l_22kto1k.pth"
+    official = _to_internimage(_to_official_vrwkv(src.state_dict()))
+    assert {"head.0.weight", "head.2.weight"} <= set(official["model"]) and "head.1.weight" not in official["model"]
+    torch.save(official, file)
+    dst = timm.create_model("vrwkv_large", pretrained=True, img_size=64, depth=2, num_classes=11,
+                            pretrained_cfg_overlay=dict(file=str(file), num_classes=11)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(dst(x), src(x))

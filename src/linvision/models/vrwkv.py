@@ -7,7 +7,8 @@ Model contract as timm's: ``forward_features -> [B, T, C]`` (final-normed tokens
 (pos-embed resized bicubically; sides not divisible by the patch are zero-padded bottom/right, as the official
 mmcv ``PatchEmbed(padding='corner')`` does).
 
-Official checkpoints (``backbone.layers.N.att.*``, ``head.fc.*``) load through :func:`checkpoint_filter_fn`::
+Official checkpoints (mmcls: ``backbone.layers.N.att.*``, ``head.fc.*``; VRWKV-L's InternImage-code checkpoint:
+``{'model': {backbone.*, head.0.*, head.2.*}}``) load through :func:`checkpoint_filter_fn`::
 
     timm.create_model("vrwkv_tiny", pretrained=True, pretrained_cfg_overlay=dict(file="vrwkv_t_in1k_224.pth"))
 
@@ -41,18 +42,20 @@ class VRWKVBlock(nn.Module):
 
     Pre-norm: ``x + drop_path(ls(mix(norm(x))))``; ``post_norm``: ``x + drop_path(ls(norm(mix(x))))``.
     ``init_values`` enables layer scale (``ls1``/``ls2``, official ``gamma1``/``gamma2``). ``[B, T, C]`` in/out.
+    ``spatial_mix``/``channel_mix``: prebuilt mixers (``(x, grid) -> x``; VRWKV6's) instead of the v4 ones.
     """
 
     def __init__(self, dim: int, hidden_dim: int, layer_id: int, num_layers: int, drop_path: float = 0.,
                  init_values: Optional[float] = None, post_norm: bool = False, key_norm: bool = False,
-                 shift_pixel: int = 1, wkv_fn: Callable = bi_wkv):
+                 shift_pixel: int = 1, wkv_fn: Callable = bi_wkv, spatial_mix: Optional[nn.Module] = None,
+                 channel_mix: Optional[nn.Module] = None):
         super().__init__()
         self.post_norm = post_norm
         self.norm1 = nn.LayerNorm(dim)
-        self.spatial_mix = SpatialMix(dim, layer_id, num_layers, shift_pixel, key_norm, wkv_fn)
+        self.spatial_mix = spatial_mix or SpatialMix(dim, layer_id, num_layers, shift_pixel, key_norm, wkv_fn)
         self.ls1 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
-        self.channel_mix = ChannelMix(dim, hidden_dim, layer_id, num_layers, shift_pixel, key_norm)
+        self.channel_mix = channel_mix or ChannelMix(dim, hidden_dim, layer_id, num_layers, shift_pixel, key_norm)
         self.ls2 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
@@ -86,6 +89,7 @@ class VisionRWKV(nn.Module):
             CUDA kernel, which the released checkpoints were trained with; reproduces their logits exactly — use
             it to evaluate or fine-tune published weights; see :func:`linvision.ops.bi_wkv_official_kernel_ref`).
         wkv_fn: a custom Bi-WKV implementation ``(w, u, k, v) -> [B, T, C]``; overrides ``wkv_variant``.
+        block_fn: a factory ``(layer_id, drop_path) -> block`` replacing :class:`VRWKVBlock` (used by VRWKV6).
 
     Shapes: input ``[B, in_chans, H, W]`` float; ``forward`` → ``[B, num_classes]``.
     """
@@ -95,7 +99,8 @@ class VisionRWKV(nn.Module):
                  depth: int = 12, hidden_rate: int = 4, head_hidden_size: Optional[int] = None,
                  drop_rate: float = 0., drop_path_rate: float = 0., post_norm: bool = False,
                  key_norm: bool = False, init_values: Optional[float] = None, shift_pixel: int = 1,
-                 wkv_variant: str = "eq5", wkv_fn: Optional[Callable] = None):
+                 wkv_variant: str = "eq5", wkv_fn: Optional[Callable] = None,
+                 block_fn: Optional[Callable[[int, float], nn.Module]] = None):
         super().__init__()
         if wkv_variant not in BI_WKV_VARIANTS:
             raise ValueError(f"wkv_variant must be one of {BI_WKV_VARIANTS}, got {wkv_variant!r}")
@@ -111,9 +116,9 @@ class VisionRWKV(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, embed_dim))
         self.norm_pre = nn.LayerNorm(embed_dim)  # official layers[0].ln0
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
-        self.blocks = nn.ModuleList([
-            VRWKVBlock(embed_dim, hidden_rate * embed_dim, i, depth, dpr[i], init_values, post_norm, key_norm,
-                       shift_pixel, wkv_fn) for i in range(depth)])
+        block_fn = block_fn or (lambda i, dp: VRWKVBlock(embed_dim, hidden_rate * embed_dim, i, depth, dp, init_values,
+                                                         post_norm, key_norm, shift_pixel, wkv_fn))
+        self.blocks = nn.ModuleList([block_fn(i, dpr[i]) for i in range(depth)])
         self.norm = nn.LayerNorm(embed_dim)
         self.pre_logits = nn.Sequential(OrderedDict(fc=nn.Linear(embed_dim, head_hidden_size), act=nn.Tanh())) \
             if head_hidden_size else nn.Identity()
@@ -179,13 +184,19 @@ _BLOCK_RENAMES = [(".att.", ".spatial_mix."), (".ffn.", ".channel_mix."), ("spat
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionRWKV) -> Dict[str, torch.Tensor]:
-    """Map an official Vision-RWKV state dict (mmcls keys) to this model's keys.
+    """Map an official Vision-RWKV state dict to this model's keys.
 
-    Accepts a raw state dict or an mmcls checkpoint (``{'state_dict': ...}``); drops ``__*__`` entries (golden
-    files); resizes ``pos_embed`` to the model's grid (bicubic, as mmcls ``resize_pos_embed``). A state dict
-    already in linvision's keys passes through (pos-embed still resized).
+    Two official formats: mmcls (``classification/``: ``backbone.*``, ``head.fc.*`` or, with a hidden head,
+    ``head.layers.{pre_logits,head}.*``; checkpoint ``{'state_dict': ...}``) and the InternImage code base
+    (``classification_internimage/models/vrwkv.py``, VRWKV-L ``vrwkv_l_22kto1k_384.pth``: checkpoint
+    ``{'model': ...}``, the same ``backbone.*`` keys, head ``nn.Linear`` → ``head.*`` for depth ≤ 12, else
+    ``nn.Sequential(Linear(C, hidden), Tanh, Linear(hidden, classes))`` → ``head.0.*``, ``head.2.*``).
+    Drops ``__*__`` entries (golden files); resizes ``pos_embed`` to the model's grid (bicubic, as mmcls
+    ``resize_pos_embed``). A state dict already in linvision's keys passes through (pos-embed still resized).
     """
-    state_dict = state_dict.get("state_dict", state_dict)
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state_dict.get(wrapper), dict):
+            state_dict = state_dict[wrapper]
     out = {}
     for k, v in state_dict.items():
         if k.startswith("__"):
@@ -209,6 +220,10 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionRWKV)
             k = "pre_logits.fc." + k[len("head.layers.pre_logits."):]
         elif k.startswith("head.layers.head."):
             k = "head." + k[len("head.layers.head."):]
+        elif k.startswith("head.0."):  # InternImage nn.Sequential head: 0 Linear(C, hidden), 1 Tanh, 2 Linear
+            k = "pre_logits.fc." + k[len("head.0."):]
+        elif k.startswith("head.2."):
+            k = "head." + k[len("head.2."):]
         if k == "pos_embed" and v.shape != model.pos_embed.shape:
             v = resize_pos_embed_2d(v, square_grid(v.shape[1]), model.patch_embed.grid_size)
         out[k] = v
