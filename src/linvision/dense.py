@@ -264,3 +264,15 @@ def create_segmentation_model(backbone: str, decoder: str = "upernet", num_class
                          intermediate_channels=(c, 2 * c, 4 * c, 4 * c), fusion_channels=c)
         head = DPTSegmentationHead(c, num_classes, kernel_size=3, upsampling=1)
     return SegmentationModel(enc, dec, head, decoder)
+
+
+def complexity(model: nn.Module, size: Tuple[int, int] = (360, 480), in_chans: int = 3) -> dict:
+    """Parameters and forward GMACs of ``model`` on one ``[1, in_chans, *size]`` input (``torch.utils.flop_counter``
+    via :func:`linvision.bench.count_flops`, MACs = FLOPs / 2; counted, not timed). Runs one forward in eval mode."""
+    from .bench import count_flops
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        flops = count_flops(lambda: model(torch.zeros(1, in_chans, *size)))
+    model.train(was_training)
+    return {"params": sum(p.numel() for p in model.parameters()), "gmacs": flops / 2e9}

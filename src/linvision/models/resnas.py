@@ -375,7 +375,8 @@ class ResNAS(nn.Module):
             indices: stages to return — None: all, int n: the last n, list: those (negative from the end).
             norm: apply the final norm to the last stage's output (the norm is C3 wide; other stages unnormed).
             output_fmt: ``'NCHW'`` → ``[B, C_s, ceil(H/r_s), ceil(W/r_s)]`` (``r_s`` 14/28/56); ``'NLC'`` → tokens.
-            intermediates_only: return only the list; else ``(final-normed tokens [B, 1 + N, C], list)``.
+            intermediates_only: return only the list; else ``(tokens [B, 1 + N, C], list)``, final-normed when
+                the last stage ran.
             stop_early: do not run the stages after the last wanted one.
             return_prefix_tokens: each entry is ``(map, class token [B, 1, C_s])``.
 
@@ -392,7 +393,9 @@ class ResNAS(nn.Module):
             if i in take_indices:
                 y = self.norm(x) if norm and i == last else x
                 intermediates += finish_intermediates([y], grid, output_fmt, 1, False, return_prefix_tokens)
-        return intermediates if intermediates_only else (self.norm(x), intermediates)
+        if intermediates_only:
+            return intermediates
+        return (self.norm(x) if i == last else x), intermediates  # the final norm is C3 wide
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
