@@ -18,13 +18,14 @@ An architecture ("arch") is a JSON-ready dict::
 
 Model contract as timm's: ``forward_features -> [B, 1 + N, C3]`` (final-normed tokens, class token first),
 ``forward_head(pre_logits=)``, ``reset_classifier``, ``no_weight_decay``; the training-only per-token head of the
-official code (``patch_output=True``) is applied by :meth:`ResNAS.forward_patch_head`. ``img_size`` (the
-pos-embed grids) must be a multiple of 56 (patch 14, then two 2× reductions); at run time any input size works:
-sides not divisible by 14 are zero-padded bottom/right (as timm's ``PatchEmbed(dynamic_img_pad=True)``), a
-reduction of an odd patch grid yields ``ceil(n/2)`` (its stride-2 conv zero-pads; its average-pool skip averages
+official code (``patch_output=True``) is applied by :meth:`ResNAS.forward_patch_head`. The official sizes are
+multiples of 56 (patch 14, then two 2× reductions); ``img_size`` (the pos-embed grids) and the run-time input may
+be any size: sides not divisible by 14 are zero-padded bottom/right (as timm's ``PatchEmbed(dynamic_img_pad=True)``),
+a reduction of an odd patch grid yields ``ceil(n/2)`` (its stride-2 conv zero-pads; its average-pool skip averages
 the tokens of the clipped border window), and pos-embeds are resized bicubically; for multiples of 56 this is
 exactly the official computation. timm's feature API (``forward_intermediates``, ``features_only=True``) returns
-the three stages' maps (strides 14/28/56, widths C1/C2/C3). Official checkpoints load through :func:`checkpoint_filter_fn`::
+the three stages' maps (strides 14/28/56, widths C1/C2/C3). Official checkpoints load through
+:func:`checkpoint_filter_fn`::
 
     timm.create_model("vit_resnas_tiny", pretrained=True, pretrained_cfg_overlay=dict(file="checkpoint.pth"))
 """
@@ -208,7 +209,8 @@ class ResidualSpatialReduction(nn.Module):
         self.norm = LayerNorm(in_dim)
         self.patch_reduce = nn.Conv2d(in_dim, out_dim, kernel_size=3, stride=2, padding=1)
         self.token_transform = nn.Linear(in_dim, out_dim)
-        self.pos_embed = nn.Parameter(torch.zeros(1, (grid[0] // 2) * (grid[1] // 2), out_dim))
+        half = _half(grid)
+        self.pos_embed = nn.Parameter(torch.zeros(1, half[0] * half[1], out_dim))
         if self.pos_embed.device.type != "meta":  # built on meta: weights are loaded afterwards
             trunc_normal_(self.pos_embed, std=.02)
 
@@ -220,7 +222,7 @@ class ResidualSpatialReduction(nn.Module):
         skip = F.pad(skip, (0, self.out_dim - C))                                  # [B, 1 + hw/4, C_out]
         x = self.norm(x)
         p = self.patch_reduce(x[:, 1:].transpose(1, 2).reshape(B, C, h, w)).flatten(2).transpose(1, 2)
-        p = p + resize_pos_embed_2d(self.pos_embed, (self.grid[0] // 2, self.grid[1] // 2), _half((h, w)))
+        p = p + resize_pos_embed_2d(self.pos_embed, _half(self.grid), _half((h, w)))
         return torch.cat([self.token_transform(x[:, :1]), p], dim=1) + skip
 
 
@@ -239,8 +241,9 @@ class ResNAS(nn.Module):
 
     Args:
         arch: the architecture (dict, or a JSON file path; blocks with ``present=False`` are left out).
-        img_size: default input size, a multiple of 56 (sets the pos-embed grids); else ValueError. Inputs of
-            any size work at run time (see the module docstring).
+        img_size: default input size (sets the pos-embed grids: ``ceil(img_size/14)``, then ``ceil(n/2)`` per
+            reduction; the official sizes are multiples of 56). Inputs of any size work at run time (see the
+            module docstring).
         in_chans, num_classes: input channels, classes (0: no head).
         global_pool: ``'token'`` (official: the class token) or ``'avg'`` (mean of patch tokens) or ``''``.
         stem_chans: mid channels of the conv stem (default: the arch's ``stem_chans``, else the official 24).
@@ -263,7 +266,6 @@ class ResNAS(nn.Module):
         super().__init__()
         self.arch = arch = load_arch(arch)
         img_size = to_2tuple(img_size)
-        _check_size(*img_size, "img_size")
         assert global_pool in ("", "avg", "token"), f"unknown global_pool {global_pool!r}"
         self.img_size, self.num_classes, self.global_pool = tuple(img_size), num_classes, global_pool
         dims = arch["dims"]
@@ -272,7 +274,7 @@ class ResNAS(nn.Module):
         self.num_prefix_tokens = 1
         self.grad_checkpointing = False
         self.patch_embed = ConvStem(in_chans, dims[0], stem_chans or arch.get("stem_chans", 24))
-        grid = (img_size[0] // PATCH_SIZE, img_size[1] // PATCH_SIZE)
+        grid = (-(-img_size[0] // PATCH_SIZE), -(-img_size[1] // PATCH_SIZE))  # ceil, as the run-time padding
         self.grid_size = grid
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dims[0]))
         self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1] + 1, dims[0]))
@@ -284,7 +286,7 @@ class ResNAS(nn.Module):
             red = None
             if s > 0:
                 red = ResidualSpatialReduction(dims[s - 1], c, grid)
-                grid = (grid[0] // 2, grid[1] // 2)
+                grid = _half(grid)
             blocks = [ResNASBlock(c, arch["heads"][s][j], arch["head_dims"][s], arch["mlp"][s][j], next(dpr),
                                   proj_drop_rate, attn_drop_rate) for j in kept[s]]
             stages.append(ResNASStage(red, blocks))
@@ -497,7 +499,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ResNAS) -> 
                                                              model.grid_size)], dim=1)
             else:
                 g = model.stages[int(k.split(".")[1])].reduction.grid
-                v = resize_pos_embed_2d(v, square_grid(v.shape[1]), (g[0] // 2, g[1] // 2))
+                v = resize_pos_embed_2d(v, square_grid(v.shape[1]), _half(g))
         out[k] = v
     return out
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -159,13 +159,21 @@ class VisionRWKV(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, in_chans, H, W]`` → final-normed tokens ``[B, T, C]``, T = ceil(H/p) * ceil(W/p)."""
         x, grid = self._pos_embed(self.patch_embed(x))
-        x = self.norm_pre(x)
-        for blk in self.blocks:
+        return self.norm(self._run_blocks(self.norm_pre(x), grid)[0])
+
+    def _run_blocks(self, x: torch.Tensor, grid: Tuple[int, int], take: Sequence[int] = (),
+                    num_blocks: Optional[int] = None) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Tokens through the first ``num_blocks`` blocks (default: all); returns the last block's tokens and the
+        outputs of the blocks in ``take`` (ascending)."""
+        inter = []
+        for i, blk in enumerate(self.blocks[:num_blocks] if num_blocks is not None else self.blocks):
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 x = torch.utils.checkpoint.checkpoint(blk, x, grid, use_reentrant=False)
             else:
                 x = blk(x, grid)
-        return self.norm(x)
+            if i in take:
+                inter.append(x)
+        return x, inter
 
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
                               norm: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,
@@ -188,16 +196,8 @@ class VisionRWKV(nn.Module):
         check_output_fmt(output_fmt)
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         x, grid = self._pos_embed(self.patch_embed(x))
-        x = self.norm_pre(x)
-        intermediates = []
-        for i, blk in enumerate(self.blocks[:max_index + 1] if stop_early else self.blocks):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = torch.utils.checkpoint.checkpoint(blk, x, grid, use_reentrant=False)
-            else:
-                x = blk(x, grid)
-            if i in take_indices:
-                intermediates.append(self.norm(x) if norm else x)
-        intermediates = finish_intermediates(intermediates, grid, output_fmt)
+        x, inter = self._run_blocks(self.norm_pre(x), grid, take_indices, max_index + 1 if stop_early else None)
+        intermediates = finish_intermediates([self.norm(y) if norm else y for y in inter], grid, output_fmt)
         return intermediates if intermediates_only else (self.norm(x), intermediates)
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
