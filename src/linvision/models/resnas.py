@@ -360,7 +360,8 @@ class ResNAS(nn.Module):
         return x, grid
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, in_chans, H, W]`` → final-normed tokens ``[B, 1 + ceil(H/56)·ceil(W/56), C3]`` (class token first)."""
+        """``[B, in_chans, H, W]`` → final-normed tokens ``[B, 1 + ceil(H/56)·ceil(W/56), C3]`` (class token
+        first)."""
         x, grid = self._embed(x)
         for stage in self.stages:
             x, grid = self._run_stage(stage, x, grid)
