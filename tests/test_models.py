@@ -22,7 +22,7 @@ SMALL = dict(img_size=64)  # keeps the large models cheap on 2 CPU cores
 
 
 def _small_size(name: str) -> int:
-    """Contract-test input side: 64, or 56 for ViT-ResNAS (its sides must be multiples of 56)."""
+    """Contract-test input side: 64, or 56 for ViT-ResNAS (its official sizes are multiples of 56)."""
     return 56 if timm.get_pretrained_cfg(name).paper_ids == "arXiv:2109.00642" else SMALL["img_size"]
 
 

@@ -146,12 +146,13 @@ def test_residual_spatial_reduction_skip_and_main_branches():
 
 
 def test_input_sizes():
-    with pytest.raises(ValueError, match="multiples of 56"):
-        timm.create_model("test_resnas", img_size=64)
+    odd = timm.create_model("test_resnas", img_size=64)  # pos-embed grids ceil(64/14) = 5, then 3, then 2
+    assert odd.pos_embed.shape[1] == 1 + 5 * 5 and odd.stages[2].reduction.pos_embed.shape[1] == 2 * 2
     model = timm.create_model("test_resnas").eval()
-    with pytest.raises(ValueError, match="multiples of 56.*100x112"):
-        model(torch.randn(1, 3, 100, 112))
     with torch.no_grad():
+        # any run-time size: zero-padded to multiples of 14 (100 -> 112), odd grids reduce to ceil(n/2)
+        assert model.forward_features(torch.randn(1, 3, 100, 112)).shape == (1, 1 + 2 * 2, 128)
+        assert model.forward_features(torch.randn(1, 3, 45, 60)).shape == (1, 1 + 1 * 2, 128)  # 4x5 -> 2x3 -> 1x2
         feats = model.forward_features(torch.randn(1, 3, 168, 224))   # other multiples: pos-embeds resized
         assert feats.shape == (1, 1 + 3 * 4, 128) and torch.isfinite(feats).all()
         assert model(torch.randn(2, 3, 56, 56)).shape == (2, 10)

@@ -154,7 +154,7 @@ DEFAULT_MODELS: Tuple[str, ...] = (
     "vir_tiny:mode=parallel",
     "vir_tiny:mode=chunkwise,chunk_size=256",
     "vir_small:mode=chunkwise,chunk_size=256",
-    "vit_resnas_tiny",  # inputs must be multiples of 56: at 512/1024 its cases fail with that reason
+    "vit_resnas_tiny",  # any size (official: multiples of 56; 512/1024 are zero-padded to multiples of 14)
 )
 
 PRESETS: Dict[str, Preset] = {

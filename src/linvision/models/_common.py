@@ -1,7 +1,7 @@
 """Pieces shared by the linvision model families."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -10,6 +10,7 @@ from .. import _compat  # noqa: F401
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models import build_model_with_cfg
+from timm.models._features import feature_take_indices
 
 
 def cfg(url: str = "", **kwargs: Any) -> Dict[str, Any]:
@@ -56,3 +57,64 @@ def init_linear_trunc_normal(m: nn.Module) -> None:
         trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
+
+
+# ------------------------------------------------------------------ timm feature contract (forward_intermediates)
+OUTPUT_FMTS = ("NCHW", "NLC")
+
+
+def check_output_fmt(output_fmt: str) -> None:
+    """ValueError unless ``output_fmt`` is ``'NCHW'`` (maps ``[B, C, h, w]``) or ``'NLC'`` (tokens ``[B, h*w, C]``)."""
+    if output_fmt not in OUTPUT_FMTS:
+        raise ValueError(f"output_fmt must be one of {OUTPUT_FMTS}, got {output_fmt!r}")
+
+
+def plain_feature_info(num_blocks: int, num_chs: int, reduction: int, prefix: str = "blocks") -> List[Dict[str, Any]]:
+    """timm ``feature_info`` of a plain (single-scale) backbone: one entry per block, all ``num_chs`` wide at stride
+    ``reduction`` (as timm's ``VisionTransformer``)."""
+    return [dict(module=f"{prefix}.{i}", num_chs=num_chs, reduction=reduction) for i in range(num_blocks)]
+
+
+def tokens_to_fmt(x: torch.Tensor, grid: Tuple[int, int], output_fmt: str) -> torch.Tensor:
+    """Patch tokens ``[B, h*w, C]`` (row-major) → ``[B, C, h, w]`` for ``'NCHW'``; unchanged for ``'NLC'``."""
+    if output_fmt == "NLC":
+        return x
+    B, T, C = x.shape
+    if T != grid[0] * grid[1]:
+        raise ValueError(f"{T} patch tokens do not fill the {grid[0]}x{grid[1]} patch grid")
+    return x.reshape(B, grid[0], grid[1], C).permute(0, 3, 1, 2).contiguous()
+
+
+def finish_intermediates(intermediates: Sequence[torch.Tensor], grid: Tuple[int, int], output_fmt: str,
+                         num_prefix_tokens: int = 0, prefix_last: bool = False,
+                         return_prefix_tokens: bool = False) -> List[Any]:
+    """timm's post-processing of ``forward_intermediates``: split off the prefix tokens (class token; linvision's
+    ViR appends it **last**: ``prefix_last=True``), reshape the patch tokens ``[B, h*w, C]`` to ``output_fmt``;
+    with ``return_prefix_tokens`` each entry is ``(map, prefix [B, num_prefix_tokens, C])`` as in timm's ViT."""
+    out = []
+    for y in intermediates:
+        n = num_prefix_tokens
+        if n and prefix_last:
+            patches, prefix = y[:, :y.shape[1] - n], y[:, y.shape[1] - n:]
+        elif n:
+            patches, prefix = y[:, n:], y[:, :n]
+        else:
+            patches, prefix = y, None
+        fmap = tokens_to_fmt(patches, grid, output_fmt)
+        out.append((fmap, prefix) if return_prefix_tokens and prefix is not None else fmap)
+    return out
+
+
+def prune_blocks(model: nn.Module, indices: Union[int, List[int]], prune_norm: bool, prune_head: bool) -> List[int]:
+    """timm ``prune_intermediate_layers`` for a plain model with ``blocks``, ``norm`` and a classifier: keep the
+    blocks up to the last wanted index, optionally replace the final norm / head by Identity (pooling ``''``).
+    Returns the absolute indices kept (see ``timm.models.feature_take_indices``)."""
+    take_indices, max_index = feature_take_indices(len(model.blocks), indices)
+    model.blocks = model.blocks[:max_index + 1]
+    if prune_norm:
+        model.norm = nn.Identity()
+    if prune_head:
+        if isinstance(getattr(model, "pre_logits", None), nn.Module):
+            model.pre_logits = nn.Identity()
+        model.reset_classifier(0, "")
+    return take_indices

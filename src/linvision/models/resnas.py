@@ -18,9 +18,14 @@ An architecture ("arch") is a JSON-ready dict::
 
 Model contract as timm's: ``forward_features -> [B, 1 + N, C3]`` (final-normed tokens, class token first),
 ``forward_head(pre_logits=)``, ``reset_classifier``, ``no_weight_decay``; the training-only per-token head of the
-official code (``patch_output=True``) is applied by :meth:`ResNAS.forward_patch_head`. Input sides must be
-multiples of 56 (patch 14, then two 2× reductions); other multiples of 56 than ``img_size`` work at run time
-(pos-embeds resized bicubically). Official checkpoints load through :func:`checkpoint_filter_fn`::
+official code (``patch_output=True``) is applied by :meth:`ResNAS.forward_patch_head`. The official sizes are
+multiples of 56 (patch 14, then two 2× reductions); ``img_size`` (the pos-embed grids) and the run-time input may
+be any size: sides not divisible by 14 are zero-padded bottom/right (as timm's ``PatchEmbed(dynamic_img_pad=True)``),
+a reduction of an odd patch grid yields ``ceil(n/2)`` (its stride-2 conv zero-pads; its average-pool skip averages
+the tokens of the clipped border window), and pos-embeds are resized bicubically; for multiples of 56 this is
+exactly the official computation. timm's feature API (``forward_intermediates``, ``features_only=True``) returns
+the three stages' maps (strides 14/28/56, widths C1/C2/C3). Official checkpoints load through
+:func:`checkpoint_filter_fn`::
 
     timm.create_model("vit_resnas_tiny", pretrained=True, pretrained_cfg_overlay=dict(file="checkpoint.pth"))
 """
@@ -42,7 +47,10 @@ from timm.layers import ConvNormAct, DropPath, Mlp, to_2tuple, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import Attention
 
-from ._common import build, cfg, init_linear_trunc_normal, resize_pos_embed_2d, square_grid
+from timm.models._features import feature_take_indices
+
+from ._common import (build, cfg, check_output_fmt, finish_intermediates, init_linear_trunc_normal, resize_pos_embed_2d,
+                      square_grid)
 
 __all__ = ["ResNAS", "ResNASBlock", "ResidualSpatialReduction", "ConvStem", "checkpoint_filter_fn",
            "normalize_arch", "load_arch", "arch_from_network_def", "SIZE_MULTIPLE", "PATCH_SIZE"]
@@ -127,9 +135,12 @@ def arch_from_network_def(network_def: Sequence) -> Dict[str, Any]:
     return normalize_arch({"dims": dims, "head_dims": head_dims, "heads": heads, "mlp": mlp, "present": present})
 
 
+def _half(grid: Tuple[int, int]) -> Tuple[int, int]:
+    """Patch grid after a residual spatial reduction: ``ceil(n/2)`` per side."""
+    return (grid[0] + 1) // 2, (grid[1] + 1) // 2
+
+
 def check_size(h: int, w: int, what: str) -> None:
-    """Raise ValueError unless ``h`` × ``w`` (pixels; ``what`` names them in the message) are positive multiples
-    of :data:`SIZE_MULTIPLE` (patch 14, then two 2× spatial reductions)."""
     if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE or h <= 0 or w <= 0:
         raise ValueError(f"ViT-ResNAS needs {what} sides that are multiples of {SIZE_MULTIPLE} (patch {PATCH_SIZE}, "
                          f"then two 2x spatial reductions), e.g. 56, 112, 224, 280; got {h}x{w}")
@@ -184,7 +195,10 @@ class ResidualSpatialReduction(nn.Module):
     *un-normalized* input: ``AvgPool2d(2, 2)`` on patches and zero-padding of channels to ``C_out`` (class token
     zero-padded likewise). Output = main + skip.
 
-    ``forward(x [B, 1 + h·w, C_in], grid (h, w)) -> [B, 1 + h/2·w/2, C_out]``.
+    An odd grid side gives ``ceil(n/2)``: the conv zero-pads (its own padding), the average pool averages the
+    tokens inside the clipped border window (``ceil_mode``); even sides are the official computation.
+
+    ``forward(x [B, 1 + h·w, C_in], grid (h, w)) -> [B, 1 + ceil(h/2)·ceil(w/2), C_out]``.
     """
 
     def __init__(self, in_dim: int, out_dim: int, grid: Tuple[int, int]):
@@ -195,7 +209,8 @@ class ResidualSpatialReduction(nn.Module):
         self.norm = LayerNorm(in_dim)
         self.patch_reduce = nn.Conv2d(in_dim, out_dim, kernel_size=3, stride=2, padding=1)
         self.token_transform = nn.Linear(in_dim, out_dim)
-        self.pos_embed = nn.Parameter(torch.zeros(1, (grid[0] // 2) * (grid[1] // 2), out_dim))
+        half = _half(grid)
+        self.pos_embed = nn.Parameter(torch.zeros(1, half[0] * half[1], out_dim))
         if self.pos_embed.device.type != "meta":  # built on meta: weights are loaded afterwards
             trunc_normal_(self.pos_embed, std=.02)
 
@@ -203,11 +218,11 @@ class ResidualSpatialReduction(nn.Module):
         B, T, C = x.shape
         h, w = grid
         patches = x[:, 1:].transpose(1, 2).reshape(B, C, h, w)
-        skip = torch.cat([x[:, :1], F.avg_pool2d(patches, 2, 2).flatten(2).transpose(1, 2)], dim=1)
+        skip = torch.cat([x[:, :1], F.avg_pool2d(patches, 2, 2, ceil_mode=True).flatten(2).transpose(1, 2)], dim=1)
         skip = F.pad(skip, (0, self.out_dim - C))                                  # [B, 1 + hw/4, C_out]
         x = self.norm(x)
         p = self.patch_reduce(x[:, 1:].transpose(1, 2).reshape(B, C, h, w)).flatten(2).transpose(1, 2)
-        p = p + resize_pos_embed_2d(self.pos_embed, (self.grid[0] // 2, self.grid[1] // 2), (h // 2, w // 2))
+        p = p + resize_pos_embed_2d(self.pos_embed, _half(self.grid), _half((h, w)))
         return torch.cat([self.token_transform(x[:, :1]), p], dim=1) + skip
 
 
@@ -226,7 +241,9 @@ class ResNAS(nn.Module):
 
     Args:
         arch: the architecture (dict, or a JSON file path; blocks with ``present=False`` are left out).
-        img_size: default input size, a multiple of 56 (sets the pos-embed grids); else ValueError.
+        img_size: default input size (sets the pos-embed grids: ``ceil(img_size/14)``, then ``ceil(n/2)`` per
+            reduction; the official sizes are multiples of 56). Inputs of any size work at run time (see the
+            module docstring).
         in_chans, num_classes: input channels, classes (0: no head).
         global_pool: ``'token'`` (official: the class token) or ``'avg'`` (mean of patch tokens) or ``''``.
         stem_chans: mid channels of the conv stem (default: the arch's ``stem_chans``, else the official 24).
@@ -236,8 +253,9 @@ class ResNAS(nn.Module):
         patch_output: add the official training-only per-token head ``patch_head`` (token-labeling style mixup);
             see :meth:`forward_patch_head`.
 
-    Shapes: input ``[B, in_chans, H, W]`` with H, W multiples of 56; ``forward_features`` →
-    ``[B, 1 + (H/56)·(W/56), C3]``; ``forward`` → ``[B, num_classes]``.
+    Shapes: input ``[B, in_chans, H, W]``, any H, W; ``forward_features`` → ``[B, 1 + ceil(H/56)·ceil(W/56), C3]``;
+    ``forward`` → ``[B, num_classes]``; ``forward_intermediates`` → maps ``[B, C_s, ceil(H/r_s), ceil(W/r_s)]``,
+    ``r_s`` = 14, 28, 56.
     """
 
     def __init__(self, arch: Union[Dict[str, Any], str, Path], img_size: Union[int, Tuple[int, int]] = 224,
@@ -248,7 +266,6 @@ class ResNAS(nn.Module):
         super().__init__()
         self.arch = arch = load_arch(arch)
         img_size = to_2tuple(img_size)
-        check_size(*img_size, "img_size")
         assert global_pool in ("", "avg", "token"), f"unknown global_pool {global_pool!r}"
         self.img_size, self.num_classes, self.global_pool = tuple(img_size), num_classes, global_pool
         dims = arch["dims"]
@@ -257,7 +274,7 @@ class ResNAS(nn.Module):
         self.num_prefix_tokens = 1
         self.grad_checkpointing = False
         self.patch_embed = ConvStem(in_chans, dims[0], stem_chans or arch.get("stem_chans", 24))
-        grid = (img_size[0] // PATCH_SIZE, img_size[1] // PATCH_SIZE)
+        grid = (-(-img_size[0] // PATCH_SIZE), -(-img_size[1] // PATCH_SIZE))  # ceil, as the run-time padding
         self.grid_size = grid
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dims[0]))
         self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1] + 1, dims[0]))
@@ -269,11 +286,13 @@ class ResNAS(nn.Module):
             red = None
             if s > 0:
                 red = ResidualSpatialReduction(dims[s - 1], c, grid)
-                grid = (grid[0] // 2, grid[1] // 2)
+                grid = _half(grid)
             blocks = [ResNASBlock(c, arch["heads"][s][j], arch["head_dims"][s], arch["mlp"][s][j], next(dpr),
                                   proj_drop_rate, attn_drop_rate) for j in kept[s]]
             stages.append(ResNASStage(red, blocks))
         self.stages = nn.ModuleList(stages)
+        self.feature_info = [dict(module=f"stages.{s}", num_chs=c, reduction=PATCH_SIZE * 2 ** s)
+                             for s, c in enumerate(dims)]
         self.norm = LayerNorm(dims[-1])
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
@@ -317,8 +336,10 @@ class ResNAS(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
-        """``[B, in_chans, H, W]`` → tokens ``[B, 1 + H/14·W/14, C1]`` (class token first, pos-embed added)."""
-        check_size(x.shape[-2], x.shape[-1], "input image")
+        """``[B, in_chans, H, W]`` → tokens ``[B, 1 + ceil(H/14)·ceil(W/14), C1]`` (class token first, pos-embed
+        added); sides not divisible by 14 are zero-padded bottom/right first."""
+        H, W = x.shape[-2:]
+        x = F.pad(x, (0, -W % PATCH_SIZE, 0, -H % PATCH_SIZE))
         x = self.patch_embed(x)
         B, C, h, w = x.shape
         pos = torch.cat([self.pos_embed[:, :1],
@@ -326,23 +347,71 @@ class ResNAS(nn.Module):
         x = torch.cat([self.cls_token.expand(B, -1, -1), x.flatten(2).transpose(1, 2)], dim=1) + pos
         return self.pos_drop(x), (h, w)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, in_chans, H, W]`` (H, W multiples of 56) → final-normed tokens ``[B, 1 + H/56·W/56, C3]``.
+    def _run_stage(self, stage: ResNASStage, x: torch.Tensor,
+                   grid: Tuple[int, int]) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        if stage.reduction is not None:
+            x = stage.reduction(x, grid)
+            grid = _half(grid)
+        for blk in stage.blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return x, grid
 
-        Raises:
-            ValueError: a side is not a multiple of 56.
-        """
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, in_chans, H, W]`` → final-normed tokens ``[B, 1 + ceil(H/56)·ceil(W/56), C3]`` (class token
+        first)."""
         x, grid = self._embed(x)
         for stage in self.stages:
-            if stage.reduction is not None:
-                x = stage.reduction(x, grid)
-                grid = (grid[0] // 2, grid[1] // 2)
-            for blk in stage.blocks:
-                if self.grad_checkpointing and not torch.jit.is_scripting():
-                    x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
-                else:
-                    x = blk(x)
+            x, grid = self._run_stage(stage, x, grid)
         return self.norm(x)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,
+                              stop_early: bool = False, return_prefix_tokens: bool = False):
+        """timm's feature API (hierarchical, as timm's Swin): the outputs of the stages as maps, class token
+        excluded.
+
+        Args:
+            x: ``[B, in_chans, H, W]``, any size.
+            indices: stages to return — None: all, int n: the last n, list: those (negative from the end).
+            norm: apply the final norm to the last stage's output (the norm is C3 wide; other stages unnormed).
+            output_fmt: ``'NCHW'`` → ``[B, C_s, ceil(H/r_s), ceil(W/r_s)]`` (``r_s`` 14/28/56); ``'NLC'`` → tokens.
+            intermediates_only: return only the list; else ``(tokens [B, 1 + N, C], list)``, final-normed when
+                the last stage ran.
+            stop_early: do not run the stages after the last wanted one.
+            return_prefix_tokens: each entry is ``(map, class token [B, 1, C_s])``.
+
+        Raises:
+            ValueError: a bad ``output_fmt``; AssertionError (timm's): an index out of range.
+        """
+        check_output_fmt(output_fmt)
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last = len(self.stages) - 1
+        x, grid = self._embed(x)
+        intermediates = []
+        for i, stage in enumerate(self.stages[:max_index + 1] if stop_early else self.stages):
+            x, grid = self._run_stage(stage, x, grid)
+            if i in take_indices:
+                y = self.norm(x) if norm and i == last else x
+                intermediates += finish_intermediates([y], grid, output_fmt, 1, False, return_prefix_tokens)
+        if intermediates_only:
+            return intermediates
+        return (self.norm(x) if i == last else x), intermediates  # the final norm is C3 wide
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop the stages after the last of ``indices`` (timm semantics); the final norm goes with the last stage
+        (or with ``prune_norm``); ``prune_head`` replaces the classifier(s) by Identity. Returns the kept
+        absolute indices."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        if prune_norm or max_index < len(self.stages) - 1:
+            self.norm = nn.Identity()
+        self.stages = self.stages[:max_index + 1]
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens ``[B, 1 + N, C3]`` → logits ``[B, num_classes]`` (pooled features ``[B, C3]`` if ``pre_logits``)."""
@@ -431,7 +500,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ResNAS) -> 
                                                              model.grid_size)], dim=1)
             else:
                 g = model.stages[int(k.split(".")[1])].reduction.grid
-                v = resize_pos_embed_2d(v, square_grid(v.shape[1]), (g[0] // 2, g[1] // 2))
+                v = resize_pos_embed_2d(v, square_grid(v.shape[1]), _half(g))
         out[k] = v
     return out
 

@@ -9,7 +9,7 @@ authors' (timm-style) names, so their checkpoints load through :func:`checkpoint
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -19,7 +19,10 @@ from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed
 from timm.models import generate_default_cfgs, register_model
 
 from ..layers.retention import RETENTION2D_MODES, RETENTION_MODES, MultiScaleRetention, MultiScaleRetention2D
-from ._common import build, cfg, init_linear_trunc_normal, resize_pos_embed_2d, square_grid
+from timm.models._features import feature_take_indices
+
+from ._common import (build, cfg, check_output_fmt, finish_intermediates, init_linear_trunc_normal, plain_feature_info,
+                      prune_blocks, resize_pos_embed_2d, square_grid)
 
 __all__ = ["VisionRetention", "VisionRetention2D", "ViRBlock", "checkpoint_filter_fn"]
 
@@ -114,6 +117,7 @@ class VisionRetention(nn.Module):
             ViRBlock(embed_dim, num_heads, mlp_ratio, init_values, dpr[i], proj_drop_rate, retention_norm,
                      chunk_size, norm_layer, self.retention_layer) for i in range(depth)])
         self.norm = norm_layer(embed_dim)
+        self.feature_info = plain_feature_info(depth, embed_dim, self.patch_embed.patch_size[0])
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         # authors' init (timm ViT 'init_weights_vit_timm'): trunc-normal 0.02 Linear, zero bias; cls N(0, 1e-6)
@@ -146,30 +150,84 @@ class VisionRetention(nn.Module):
             self.global_pool = global_pool
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
-    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+    def _tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """``[B, in_chans, H, W]`` → (patch tokens + pos-embed, class token last ``[B, T + 1, C]``, grid)."""
+        x = self.patch_embed(x)
         B, H, W, C = x.shape
         x = x.reshape(B, H * W, C) + resize_pos_embed_2d(self.pos_embed, self.patch_embed.grid_size, (H, W))
         x = torch.cat([x, self.cls_token.expand(B, -1, -1)], dim=1)  # class token LAST
-        return self.pos_drop(x)
+        return self.pos_drop(x), (H, W)
+
+    def _run_blocks(self, x: torch.Tensor, mode: str, grid: Tuple[int, int], take: Sequence[int] = (),
+                    num_blocks: Optional[int] = None) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Tokens through the first ``num_blocks`` blocks (default: all) in retention form ``mode``; returns the
+        last block's tokens and the outputs of the blocks in ``take`` (ascending). ``'chunkwise'``/``'recurrent'``
+        feed ``chunk_size`` tokens (or one) at a time through all blocks, one retention state per block."""
+        blocks = self.blocks[:num_blocks] if num_blocks is not None else self.blocks
+        if mode == "parallel":
+            inter = []
+            for i, blk in enumerate(blocks):
+                if self.grad_checkpointing and not torch.jit.is_scripting():
+                    x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)[0]
+                else:
+                    x = blk(x)[0]
+                if i in take:
+                    inter.append(x)
+            return x, inter
+        step = 1 if mode == "recurrent" else self.chunk_size
+        states: list = [None] * len(blocks)
+        outs, inter = [], {i: [] for i in take}
+        for s in range(0, x.shape[1], step):
+            h = x[:, s:s + step]
+            for i, blk in enumerate(blocks):
+                h, states[i] = blk(h, mode, states[i], output_final_state=True)
+                if i in inter:
+                    inter[i].append(h)
+            outs.append(h)
+        return torch.cat(outs, dim=1), [torch.cat(inter[i], dim=1) for i in sorted(inter)]
 
     def forward_features(self, x: torch.Tensor, mode: Optional[str] = None) -> torch.Tensor:
         """``[B, in_chans, H, W]`` → final-normed tokens ``[B, T + 1, C]`` (patches row-major, class token last).
 
         ``mode`` (default: the model's ``mode``) picks the retention form; see the class docstring."""
         mode = mode or self.mode  # an unknown mode is rejected by the retention layer
-        x = self._pos_embed(self.patch_embed(x))
-        if mode == "parallel":
-            for blk in self.blocks:
-                if self.grad_checkpointing and not torch.jit.is_scripting():
-                    x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)[0]
-                else:
-                    x = blk(x)[0]
-            return self.norm(x)
-        # chunk by chunk through all blocks, one retention state per block
-        step = 1 if mode == "recurrent" else self.chunk_size
-        states: list = [None] * len(self.blocks)
-        outs = [self.norm(self.forward_blocks(x[:, s:s + step], states, mode)) for s in range(0, x.shape[1], step)]
-        return torch.cat(outs, dim=1)
+        x, grid = self._tokens(x)
+        return self.norm(self._run_blocks(x, mode, grid)[0])
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,
+                              stop_early: bool = False, return_prefix_tokens: bool = False,
+                              mode: Optional[str] = None):
+        """timm's feature API: block outputs as maps (class token excluded), in any retention ``mode``.
+
+        Args:
+            x: ``[B, in_chans, H, W]``, any size (sides not divisible by the patch are zero-padded).
+            indices: blocks to return — None: all, int n: the last n, list: those (negative from the end).
+            norm: apply the final norm to each returned block output.
+            output_fmt: ``'NCHW'`` → ``[B, C, ceil(H/p), ceil(W/p)]`` each; ``'NLC'`` → ``[B, T, C]``.
+            intermediates_only: return only the list; else ``(final-normed tokens [B, T (+1), C], list)``.
+            stop_early: do not run the blocks after the last wanted one.
+            return_prefix_tokens: each entry is ``(map, class token [B, 1, C])`` (as timm's ViT; used by
+                smp's DPT readout); plain maps for a model without class token.
+            mode: retention form (default: the model's); all modes give the same maps.
+
+        Raises:
+            ValueError: a bad ``output_fmt``; AssertionError (timm's): an index out of range.
+        """
+        check_output_fmt(output_fmt)
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        x, grid = self._tokens(x)
+        x, inter = self._run_blocks(x, mode or self.mode, grid, take_indices, max_index + 1 if stop_early else None)
+        inter = finish_intermediates([self.norm(y) if norm else y for y in inter], grid, output_fmt,
+                                     self.num_prefix_tokens, prefix_last=True,
+                                     return_prefix_tokens=return_prefix_tokens)
+        return inter if intermediates_only else (self.norm(x), inter)
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop the blocks after the last of ``indices`` (timm semantics); ``prune_norm``/``prune_head`` replace
+        the final norm / classifier by Identity. Returns the kept absolute indices."""
+        return prune_blocks(self, indices, prune_norm, prune_head)
 
     def forward_blocks(self, x: torch.Tensor, states: list, mode: str = "parallel", **kw) -> torch.Tensor:
         """One piece ``x [B, t, C]`` of the token sequence through **all** blocks (no final norm), each block's
@@ -198,6 +256,7 @@ class VisionRetention(nn.Module):
         return self.forward_head(self.forward_features(x, mode))
 
 
+
 class VisionRetention2D(VisionRetention):
     """ViR with **2D retention** (ViR v2, arXiv 2310.19731 v2): decay γ_h^(|Δrow| + |Δcol|) over the causal
     quadrant of the patch grid (:class:`~linvision.layers.retention.MultiScaleRetention2D`), no class token,
@@ -208,7 +267,7 @@ class VisionRetention2D(VisionRetention):
     ``[B, H, cols, d, d]`` per block: memory constant in the number of rows). ``chunk_size`` is unused.
 
     Shapes: input ``[B, in_chans, H, W]``; ``forward_features`` → ``[B, T, C]`` (patches row-major);
-    ``forward`` → ``[B, num_classes]``. Streams by whole rows of patches: ``linvision.stream.forward_stream``.
+    ``forward`` → ``[B, num_classes]``.
     """
     modes = RETENTION2D_MODES
     retention_layer = MultiScaleRetention2D
@@ -226,25 +285,47 @@ class VisionRetention2D(VisionRetention):
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(stem=r"^pos_embed|patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
-    def forward_features(self, x: torch.Tensor, mode: Optional[str] = None) -> torch.Tensor:
-        """``[B, in_chans, H, W]`` → final-normed patch tokens ``[B, T, C]`` (row-major); ``mode`` (default: the
-        model's) is ``'parallel'`` or ``'recurrent'``."""
-        mode = mode or self.mode
+    def _tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """``[B, in_chans, H, W]`` → (patch tokens + pos-embed ``[B, T, C]``, row-major; grid)."""
         x = self.patch_embed(x)  # [B, rows, cols, C]
         B, R, W, C = x.shape
-        x = self.pos_drop(x.reshape(B, R * W, C) + resize_pos_embed_2d(self.pos_embed, self.patch_embed.grid_size,
-                                                                       (R, W)))
+        x = x.reshape(B, R * W, C) + resize_pos_embed_2d(self.pos_embed, self.patch_embed.grid_size, (R, W))
+        return self.pos_drop(x), (R, W)
+
+    def _run_blocks(self, x: torch.Tensor, mode: str, grid: Tuple[int, int], take: Sequence[int] = (),
+                    num_blocks: Optional[int] = None) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """As :meth:`VisionRetention._run_blocks`; ``'recurrent'`` goes row by row through all blocks with one
+        per-column state per block."""
+        blocks = self.blocks[:num_blocks] if num_blocks is not None else self.blocks
+        R, W = grid
         if mode == "parallel":
-            for blk in self.blocks:
+            inter = []
+            for i, blk in enumerate(blocks):
                 if self.grad_checkpointing and not torch.jit.is_scripting():
                     x = torch.utils.checkpoint.checkpoint(blk, x, mode, None, False, use_reentrant=False,
                                                           width=W)[0]
                 else:
                     x = blk(x, mode, width=W)[0]
-            return self.norm(x)
-        states: list = [None] * len(self.blocks)  # row by row through all blocks, one per-column state per block
-        outs = [self.norm(self.forward_blocks(x[:, r * W:(r + 1) * W], states, mode, width=W)) for r in range(R)]
-        return torch.cat(outs, dim=1)
+                if i in take:
+                    inter.append(x)
+            return x, inter
+        states: list = [None] * len(blocks)
+        outs, inter = [], {i: [] for i in take}
+        for r in range(R):  # row by row through all blocks, one per-column state per block
+            h = x[:, r * W:(r + 1) * W]
+            for i, blk in enumerate(blocks):
+                h, states[i] = blk(h, mode, states[i], output_final_state=True, width=W)
+                if i in inter:
+                    inter[i].append(h)
+            outs.append(h)
+        return torch.cat(outs, dim=1), [torch.cat(inter[i], dim=1) for i in sorted(inter)]
+
+    def forward_features(self, x: torch.Tensor, mode: Optional[str] = None) -> torch.Tensor:
+        """``[B, in_chans, H, W]`` → final-normed patch tokens ``[B, T, C]`` (row-major); ``mode`` (default: the
+        model's) is ``'parallel'`` or ``'recurrent'``."""
+        x, grid = self._tokens(x)
+        return self.norm(self._run_blocks(x, mode or self.mode, grid)[0])
+
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionRetention) -> Dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from functools import partial
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -32,7 +32,10 @@ from timm.models import generate_default_cfgs, register_model
 
 from ..layers.rwkv import ChannelMix, SpatialMix
 from ..ops.biwkv import BI_WKV_VARIANTS, bi_wkv
-from ._common import build, cfg, init_linear_trunc_normal, resize_pos_embed_2d, square_grid
+from timm.models._features import feature_take_indices
+
+from ._common import (build, cfg, check_output_fmt, finish_intermediates, init_linear_trunc_normal, plain_feature_info,
+                      prune_blocks, resize_pos_embed_2d, square_grid)
 
 __all__ = ["VisionRWKV", "VRWKVBlock", "checkpoint_filter_fn"]
 
@@ -120,6 +123,7 @@ class VisionRWKV(nn.Module):
                                                          post_norm, key_norm, shift_pixel, wkv_fn))
         self.blocks = nn.ModuleList([block_fn(i, dpr[i]) for i in range(depth)])
         self.norm = nn.LayerNorm(embed_dim)
+        self.feature_info = plain_feature_info(depth, embed_dim, self.patch_embed.patch_size[0])
         self.pre_logits = nn.Sequential(OrderedDict(fc=nn.Linear(embed_dim, head_hidden_size), act=nn.Tanh())) \
             if head_hidden_size else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
@@ -160,13 +164,52 @@ class VisionRWKV(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, in_chans, H, W]`` → final-normed tokens ``[B, T, C]``, T = ceil(H/p) * ceil(W/p)."""
         x, grid = self._pos_embed(self.patch_embed(x))
-        x = self.norm_pre(x)
-        for blk in self.blocks:
+        return self.norm(self._run_blocks(self.norm_pre(x), grid)[0])
+
+    def _run_blocks(self, x: torch.Tensor, grid: Tuple[int, int], take: Sequence[int] = (),
+                    num_blocks: Optional[int] = None) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Tokens through the first ``num_blocks`` blocks (default: all); returns the last block's tokens and the
+        outputs of the blocks in ``take`` (ascending)."""
+        inter = []
+        for i, blk in enumerate(self.blocks[:num_blocks] if num_blocks is not None else self.blocks):
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 x = torch.utils.checkpoint.checkpoint(blk, x, grid, use_reentrant=False)
             else:
                 x = blk(x, grid)
-        return self.norm(x)
+            if i in take:
+                inter.append(x)
+        return x, inter
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,
+                              stop_early: bool = False, return_prefix_tokens: bool = False):
+        """timm's feature API: block outputs as maps (any input size; padded sides included).
+
+        Args:
+            x: ``[B, in_chans, H, W]``.
+            indices: blocks to return — None: all, int n: the last n, list: those (negative from the end).
+            norm: apply the final norm to each returned block output.
+            output_fmt: ``'NCHW'`` → ``[B, C, ceil(H/p), ceil(W/p)]`` each; ``'NLC'`` → ``[B, T, C]``.
+            intermediates_only: return only the list; else ``(final-normed tokens [B, T, C], list)``.
+            stop_early: do not run the blocks after the last wanted one (then the final tokens are those of
+                that block).
+            return_prefix_tokens: accepted for timm/smp compatibility (no prefix tokens: plain maps returned).
+
+        Raises:
+            ValueError: a bad ``output_fmt``; AssertionError (timm's): an index out of range.
+        """
+        check_output_fmt(output_fmt)
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        x, grid = self._pos_embed(self.patch_embed(x))
+        x, inter = self._run_blocks(self.norm_pre(x), grid, take_indices, max_index + 1 if stop_early else None)
+        intermediates = finish_intermediates([self.norm(y) if norm else y for y in inter], grid, output_fmt)
+        return intermediates if intermediates_only else (self.norm(x), intermediates)
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop the blocks after the last of ``indices`` (timm semantics); ``prune_norm``/``prune_head`` replace
+        the final norm / classifier by Identity. Returns the kept absolute indices."""
+        return prune_blocks(self, indices, prune_norm, prune_head)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens ``[B, T, C]`` → logits ``[B, num_classes]`` (or pooled features if ``pre_logits``)."""
