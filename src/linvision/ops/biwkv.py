@@ -28,6 +28,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ._triton import triton_enabled
+
 __all__ = ["bi_wkv_ref", "bi_wkv", "bi_wkv_official_kernel_ref", "BI_WKV_VARIANTS"]
 
 BI_WKV_VARIANTS = ("eq5", "official_kernel")
@@ -355,6 +357,9 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
     both with fake kernels, so ``torch.compile(fullgraph=True)`` traces through it; FLOP formulas for
     ``torch.utils.flop_counter`` (29 MACs per token and channel forward, as the official ``get_flops_backbone.py``;
     twice that backward). Plain torch ops, so it runs on CPU and CUDA alike; no token limit, nothing compiled.
+    On CUDA (float32/bf16/fp16, Triton installed, ``LINVISION_TRITON`` not ``0``) it runs instead the Triton
+    kernels of :mod:`linvision.ops.biwkv_triton` (the same scans, fused; custom op
+    ``linvision::bi_wkv_triton_fwd``/``_bwd``); Triton is imported only then.
 
     **Forward.** Per channel (dropped from the notation), with ``a_i = e^{k_i - max_j k_j}`` (the max cancels in the
     ratio) and two signals ``x^n_i = a_i v_i``, ``x^d_i = a_i``::
@@ -406,7 +411,7 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
         w, u: ``[C]`` decay and bonus, already divided by T (as the model passes them).
         k, v: ``[B, T, C]`` keys and values; any float dtype.
         variant: ``"eq5"`` (default) or ``"official_kernel"``.
-        chunk_size: tokens per scan chunk; default: by input size (8 – 32). Speed only.
+        chunk_size: tokens per scan chunk; default: by input size (8 – 32; Triton: 16 – 128). Speed only.
 
     Returns:
         ``[B, T, C]`` in the dtype of ``v``.
@@ -419,6 +424,10 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
     if variant != "eq5":
         raise ValueError(f"bi_wkv: variant must be one of {BI_WKV_VARIANTS}, got {variant!r}")
     _check(w, u, k, v)
+    if triton_enabled(w, u, k, v):  # CUDA: the Triton kernels (imported only here)
+        from .biwkv_triton import bi_wkv_triton
+
+        return bi_wkv_triton(w, u, k, v, chunk_size)
     if chunk_size is None:
         chunk_size = _auto_chunk(*k.shape)
     return torch.ops.linvision.bi_wkv_fwd(w, u, k, v, int(chunk_size))[0]

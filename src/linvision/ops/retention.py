@@ -22,6 +22,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ._triton import triton_enabled
+
 __all__ = ["retention_ref", "retention_parallel", "retention_recurrent", "retention_chunkwise", "decay_gammas"]
 
 Out = Tuple[torch.Tensor, Optional[torch.Tensor]]
@@ -182,12 +184,20 @@ def retention_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma
 
     which is :func:`retention_parallel` with ``initial_state`` applied to each chunk in turn. The last chunk
     may be shorter (T need not be a multiple of ``chunk_size``). Memory O(B H chunk²) instead of O(B H T²).
+    On CUDA (float32/bf16/fp16, head dims <= 128, gamma without gradient, Triton installed, ``LINVISION_TRITON``
+    not ``0``) the Triton kernels of :mod:`linvision.ops.retention_triton` run instead (chunk length
+    ``chunk_size`` rounded to a power of two in [16, 64]; the final state in q's dtype).
     Same arguments, returns and errors as :func:`retention_ref`, plus ``chunk_size >= 1``.
     """
     _check(q, k, v, gamma, initial_state)
     if chunk_size < 1:
         raise ValueError(f"retention_chunkwise: chunk_size must be >= 1, got {chunk_size}")
     T, K = q.shape[1], q.shape[-1]
+    if (T > 0 and max(K, v.shape[-1]) <= 128 and not gamma.requires_grad
+            and triton_enabled(q, k, v, *([] if initial_state is None else [initial_state]))):
+        from .retention_triton import retention_chunkwise_triton  # CUDA only: Triton is imported here
+
+        return retention_chunkwise_triton(q, k, v, gamma, scale, initial_state, output_final_state, chunk_size)
     scale = K ** -0.5 if scale is None else scale
     S, outs = initial_state, []
     for s in range(0, T, chunk_size):
