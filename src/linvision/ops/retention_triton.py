@@ -224,7 +224,8 @@ def retention_chunkwise_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]`` (fp32/bf16/fp16, K, V <= 128; CUDA, or CPU under
             ``TRITON_INTERPRET=1``); gamma: ``[H]``; scale: q multiplier (default ``K ** -0.5``);
             initial_state: ``[B, H, K, V]`` or None; output_final_state: also return the final state;
-            chunk_size: rounded to a power of two in [16, 64] (speed and rounding only).
+            chunk_size: rounded to a power of two in [16, 64] (32 for heads over 64; speed and rounding
+            only).
 
     Returns:
         ``(o [B, T, H, V] in q's dtype, final_state [B, H, K, V] in q's dtype or None)``; differentiable in q, k,
@@ -238,6 +239,6 @@ def retention_chunkwise_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         raise ValueError(f"retention_chunkwise_triton: needs T >= 1 and K, V <= {MAX_HEAD_DIM}; got T={T}, "
                          f"K={K}, V={v.shape[-1]}")
     scale = K ** -0.5 if scale is None else float(scale)
-    BT = min(64, max(16, triton.next_power_of_2(int(chunk_size))))
+    BT = min(64 if max(K, v.shape[-1]) <= 64 else 32, max(16, triton.next_power_of_2(int(chunk_size))))
     lg = torch.log2(gamma.detach().to(device=q.device, dtype=torch.float64)).float().contiguous()
     return _RetentionChunk.apply(q, k, v, lg, scale, initial_state, bool(output_final_state), BT)
