@@ -6,7 +6,6 @@ forms on CUDA too (for comparisons and as an escape hatch).
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -15,10 +14,12 @@ import torch
 __all__ = ["triton_enabled", "triton_importable"]
 
 
-@functools.lru_cache(maxsize=1)
+_IMPORTABLE = importlib.util.find_spec("triton") is not None  # checked once, at import, without importing it
+
+
 def triton_importable() -> bool:
-    """True when ``import triton`` would find a package (checked once, without importing it)."""
-    return importlib.util.find_spec("triton") is not None
+    """True when ``import triton`` would find a package."""
+    return _IMPORTABLE
 
 
 def triton_enabled(*tensors: torch.Tensor) -> bool:
@@ -29,4 +30,4 @@ def triton_enabled(*tensors: torch.Tensor) -> bool:
         return False
     if not all(t.is_cuda and t.dtype != torch.float64 for t in tensors):
         return False
-    return triton_importable()
+    return _IMPORTABLE

@@ -23,6 +23,7 @@ Three forms share one signature ``(w, u, k, v) -> [B, T, C]``:
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 from ._triton import triton_enabled
 
-__all__ = ["bi_wkv_ref", "bi_wkv", "bi_wkv_official_kernel_ref", "BI_WKV_VARIANTS"]
+__all__ = ["bi_wkv_ref", "bi_wkv", "bi_wkv_official_kernel_ref", "BI_WKV_VARIANTS", "wkv_chunk_len"]
 
 BI_WKV_VARIANTS = ("eq5", "official_kernel")
 
@@ -91,6 +92,12 @@ def _auto_chunk(B: int, T: int, C: int) -> int:
     """Chunk length for :func:`bi_wkv`: long chunks (few, large steps) for big inputs, short ones (fewer Python-level
     ops) for small inputs; measured on CPU, where 8-32 are within ~10% of the best at every shape tried."""
     return int(min(32, max(8, round(2 * B * T * C / _SLICE_ELEMS))))
+
+
+def wkv_chunk_len(T: int) -> int:
+    """Tokens per chunk of the Triton kernels: a power of two near √T in [16, 128] (the chunk scans and the carry
+    scan then take about equally many sequential steps)."""
+    return int(min(128, max(16, 2 ** round(math.log2(max(T, 1)) / 2))))
 
 
 def _chunking(T: int, target: int) -> Tuple[int, int]:
@@ -424,10 +431,9 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
     if variant != "eq5":
         raise ValueError(f"bi_wkv: variant must be one of {BI_WKV_VARIANTS}, got {variant!r}")
     _check(w, u, k, v)
-    if triton_enabled(w, u, k, v):  # CUDA: the Triton kernels (imported only here)
-        from .biwkv_triton import bi_wkv_triton
-
-        return bi_wkv_triton(w, u, k, v, chunk_size)
+    if triton_enabled(w, u, k, v):  # CUDA: the Triton kernels (their op imports Triton when it first runs)
+        L = wkv_chunk_len(k.shape[1]) if chunk_size is None else max(int(chunk_size), 1)
+        return torch.ops.linvision.bi_wkv_triton_fwd(w, u, k, v, L)[0]
     if chunk_size is None:
         chunk_size = _auto_chunk(*k.shape)
     return torch.ops.linvision.bi_wkv_fwd(w, u, k, v, int(chunk_size))[0]

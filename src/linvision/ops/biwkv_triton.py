@@ -16,27 +16,23 @@ Kernels (grid over chunks of L tokens × batch × blocks of channels; each progr
    ``du``, ``dw`` (backward).
 
 The forward saves ``den`` (fp32), ``max_j k_j`` and the carries; the backward recomputes the signals from
-``k, v``. Registered as its own ``torch.library`` custom op pair, ``linvision::bi_wkv_triton_fwd`` /
-``linvision::bi_wkv_triton_bwd`` (fake kernels, autograd, the same FLOP formula as the PyTorch op), rather than
-as the CUDA kernel of ``linvision::bi_wkv_fwd``: that op's saved tensors are laid out for the chunk-transposed
-PyTorch scans (its fake kernel fixes their shapes), while these kernels save different, smaller ones; a separate
-op keeps both schemas honest and ``torch.compile(fullgraph=True)`` still sees one opaque op.
-
-This module imports Triton at the top; :func:`linvision.ops.bi_wkv` imports it only for CUDA inputs.
+``k, v``. The kernels run inside the custom op pair ``linvision::bi_wkv_triton_fwd`` / ``_bwd`` defined in
+:mod:`.biwkv_triton_op` (which explains why a separate op); this module imports Triton at the top and is
+imported only when that op runs (CUDA inputs, or CPU ones under the interpreter).
 ``TRITON_INTERPRET=1`` runs the kernels on CPU tensors (the tests do that).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .biwkv import BI_WKV_MACS_PER_TOKEN_CHANNEL, _check
+from . import biwkv_triton_op  # noqa: F401  (the custom op pair)
+from .biwkv import _check, wkv_chunk_len
 
-__all__ = ["bi_wkv_triton", "wkv_chunk_len"]
+__all__ = ["bi_wkv_triton", "triton_forward", "triton_backward"]
 
 _BLOCK_C = 32
 
@@ -227,12 +223,6 @@ def _wkv_bwd_chunk(k_ptr, v_ptr, kmax_ptr, g_ptr, y_ptr, den_ptr, w_ptr, u_ptr, 
     tl.store(du_ptr + co, acc_u, mask=cm)
 
 
-def wkv_chunk_len(T: int) -> int:
-    """Tokens per chunk: a power of two near √T in [16, 128] (chunk scans and the carry scan then take about
-    equally many sequential steps)."""
-    return int(min(128, max(16, 2 ** round(math.log2(max(T, 1)) / 2))))
-
-
 def _grid(T: int, B: int, C: int, L: int):
     return (triton.cdiv(T, L), B, triton.cdiv(C, _BLOCK_C))
 
@@ -245,7 +235,8 @@ def _carries(p1, p2, p3, kmax, w, T, C, L, mode):
     return z
 
 
-def _forward(w, u, k, v, chunk_len):
+def triton_forward(w, u, k, v, chunk_len):
+    """The kernels of ``linvision::bi_wkv_triton_fwd`` (see :mod:`.biwkv_triton_op`)."""
     B, T, C = k.shape
     k, v = k.contiguous(), v.contiguous()
     w, u = w.float().contiguous(), u.float().contiguous()
@@ -259,7 +250,8 @@ def _forward(w, u, k, v, chunk_len):
     return y, den, kmax, car
 
 
-def _backward(gy, w, u, k, v, y, den, kmax, car, L):
+def triton_backward(gy, w, u, k, v, y, den, kmax, car, L):
+    """The kernels of ``linvision::bi_wkv_triton_bwd``."""
     B, T, C = k.shape
     k, v, gy = k.contiguous(), v.contiguous(), gy.contiguous()
     w, u = w.float().contiguous(), u.float().contiguous()
@@ -272,72 +264,6 @@ def _backward(gy, w, u, k, v, y, den, kmax, car, L):
                                       car.shape[2], BLOCK_C=_BLOCK_C, num_warps=1)
     dw = -torch.exp(-w) * dwp.sum((0, 1))
     return dw, dup.sum((0, 1)), dk, dv
-
-
-@torch.library.custom_op("linvision::bi_wkv_triton_fwd", mutates_args=())
-def _fwd_op(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            chunk_len: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(y [B, T, C] in v's dtype, den [B, T, C] fp32, max_t k [B, C] fp32, carries [4, B, ceil(T/L), C] fp32)``."""
-    return _forward(w, u, k, v, chunk_len)
-
-
-@_fwd_op.register_fake
-def _(w, u, k, v, chunk_len):
-    B, T, C = k.shape
-    f32 = torch.float32
-    return (v.new_empty(B, T, C), k.new_empty(B, T, C, dtype=f32), k.new_empty(B, C, dtype=f32),
-            k.new_empty(4, B, -(-T // chunk_len), C, dtype=f32))
-
-
-@torch.library.custom_op("linvision::bi_wkv_triton_bwd", mutates_args=())
-def _bwd_op(gy: torch.Tensor, w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, y: torch.Tensor,
-            den: torch.Tensor, kmax: torch.Tensor,
-            car: torch.Tensor, chunk_len: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dw [C], du [C], dk [B, T, C], dv [B, T, C])``, all fp32."""
-    return _backward(gy, w, u, k, v, y, den, kmax, car, chunk_len)
-
-
-@_bwd_op.register_fake
-def _(gy, w, u, k, v, y, den, kmax, car, chunk_len):
-    B, T, C = k.shape
-    return (den.new_empty(C), den.new_empty(C), den.new_empty(B, T, C), den.new_empty(B, T, C))
-
-
-def _setup_context(ctx, inputs, output):
-    w, u, k, v, chunk_len = inputs
-    y, den, kmax, car = output
-    ctx.save_for_backward(w, u, k, v, y, den, kmax, car)
-    ctx.chunk_len = chunk_len
-    ctx.dtypes = (w.dtype, u.dtype, k.dtype, v.dtype)
-    ctx.mark_non_differentiable(den, kmax, car)
-
-
-def _autograd_backward(ctx, gy, *_):
-    grads = torch.ops.linvision.bi_wkv_triton_bwd(gy.contiguous(), *ctx.saved_tensors, ctx.chunk_len)
-    return tuple(g.to(dt) for g, dt in zip(grads, ctx.dtypes)) + (None,)
-
-
-_fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
-
-
-def _register_flops() -> None:
-    from torch.utils.flop_counter import flop_registry, register_flop_formula
-
-    if torch.ops.linvision.bi_wkv_triton_fwd in flop_registry:
-        return
-
-    @register_flop_formula(torch.ops.linvision.bi_wkv_triton_fwd)
-    def _fwd_flops(w_shape, u_shape, k_shape, *args, **kwargs) -> int:
-        B, T, C = k_shape
-        return 2 * BI_WKV_MACS_PER_TOKEN_CHANNEL * B * T * C
-
-    @register_flop_formula(torch.ops.linvision.bi_wkv_triton_bwd)
-    def _bwd_flops(gy_shape, *args, **kwargs) -> int:
-        B, T, C = gy_shape
-        return 4 * BI_WKV_MACS_PER_TOKEN_CHANNEL * B * T * C
-
-
-_register_flops()
 
 
 def bi_wkv_triton(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

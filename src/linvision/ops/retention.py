@@ -172,6 +172,13 @@ def retention_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma
     return o, (S if output_final_state else None)
 
 
+@torch.compiler.disable  # the kernels run eagerly (torch.compile breaks the graph here rather than trace them)
+def _chunkwise_triton(*args) -> Out:
+    from .retention_triton import retention_chunkwise_triton  # CUDA only: Triton is imported here
+
+    return retention_chunkwise_triton(*args)
+
+
 def retention_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor,
                         scale: Optional[float] = None, initial_state: Optional[torch.Tensor] = None,
                         output_final_state: bool = False, chunk_size: int = 64) -> Out:
@@ -195,9 +202,7 @@ def retention_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma
     T, K = q.shape[1], q.shape[-1]
     if (T > 0 and max(K, v.shape[-1]) <= 128 and not gamma.requires_grad
             and triton_enabled(q, k, v, *([] if initial_state is None else [initial_state]))):
-        from .retention_triton import retention_chunkwise_triton  # CUDA only: Triton is imported here
-
-        return retention_chunkwise_triton(q, k, v, gamma, scale, initial_state, output_final_state, chunk_size)
+        return _chunkwise_triton(q, k, v, gamma, scale, initial_state, output_final_state, chunk_size)
     scale = K ** -0.5 if scale is None else scale
     S, outs = initial_state, []
     for s in range(0, T, chunk_size):
