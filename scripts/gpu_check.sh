@@ -17,7 +17,7 @@
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}" TORCH_NCCL_ASYNC_ERROR_HANDLING=1 NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
+export TQDM_DISABLE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}" TORCH_NCCL_ASYNC_ERROR_HANDLING=1 NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 LOG="${OUT:-/tmp/linvision_gpu_check}"
 mkdir -p "$LOG"
 WORK="$(mktemp -d)"
@@ -54,7 +54,7 @@ section() {
     echo "=== $name: $status (rc $rc, ${secs}s)" | tee -a "$ALL"
 }
 
-TRAIN=(train --img-size 32 --patch-size 8 --epochs 1 --max-steps 3 --batch-size 8 --workers 0)
+TRAIN=(train --img-size 32 --patch-size 8 --epochs 1 --max-steps 3 --batch-size 32 --workers 0 --no-ema)
 
 {
     echo "linvision gpu_check $(date -u) on $(hostname)"
