@@ -24,7 +24,8 @@ import torch
 
 from ._triton import triton_enabled
 
-__all__ = ["retention_ref", "retention_parallel", "retention_recurrent", "retention_chunkwise", "decay_gammas"]
+__all__ = ["retention_ref", "retention_parallel", "retention_recurrent", "retention_chunkwise", "decay_gammas",
+           "op_chunk_size", "auto_chunk_size"]
 
 Out = Tuple[torch.Tensor, Optional[torch.Tensor]]
 
@@ -35,6 +36,25 @@ def decay_gammas(num_heads: int) -> torch.Tensor:
     Computed in float32 exactly as the authors' code does (the golden files were made that way).
     """
     return 1 - torch.exp(torch.linspace(math.log(1 / 32), math.log(1 / 512), num_heads))
+
+
+AUTO_CHUNK_MAX_TOKENS = 4096
+
+
+def op_chunk_size(head_dim: int) -> int:
+    """Chunk length for :func:`retention_chunkwise` from the head size K (= V): a power of two near K in
+    [16, 128]. Per token the intra-chunk part costs ~``c (K + V)`` multiply-adds and the state part ~``2 K V``;
+    they balance at ``c ≈ K`` (64 for ViR's heads of 64, the former fixed default)."""
+    return int(min(128, max(16, 2 ** round(math.log2(max(head_dim, 1))))))
+
+
+def auto_chunk_size(num_tokens: int, head_dim: int) -> int:
+    """Tokens per pass for ViR's chunkwise and streaming forwards (sequence fed through all blocks a chunk at a
+    time): whole op chunks (:func:`op_chunk_size`) covering the sequence, at most ``AUTO_CHUNK_MAX_TOKENS`` = 4096
+    (activations of one pass stay bounded; fewer, larger passes cost fewer kernel launches), at least one op
+    chunk. E.g. 197 tokens, K = 64 -> 256 (one pass); 16,385 tokens -> 4096 (5 passes)."""
+    c = op_chunk_size(head_dim)
+    return int(max(c, min(AUTO_CHUNK_MAX_TOKENS // c * c, -(-int(num_tokens) // c) * c)))
 
 
 def _check(q, k, v, gamma, initial_state) -> None:
