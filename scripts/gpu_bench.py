@@ -122,9 +122,13 @@ def bench_wkv(B, T, C, torch_op: bool):
     res = {}
     with torch.no_grad():
         res["wkv_fwd_ms"] = bench_ms(lambda: bi_wkv(w, u, k, v))
-        res["sdpa_fwd_ms"] = bench_ms(lambda: F.scaled_dot_product_attention(q4, k4, v4))
     res["wkv_fwdbwd_ms"] = bench_ms(_fwd_bwd(lambda: bi_wkv(w, u, k, v), (w, u, k, v)))
-    res["sdpa_fwdbwd_ms"] = bench_ms(_fwd_bwd(lambda: F.scaled_dot_product_attention(q4, k4, v4), (q4, k4, v4)))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # flash only (an error, not a silent fallback)
+        with torch.no_grad():
+            res["sdpa_fwd_ms"] = bench_ms(lambda: F.scaled_dot_product_attention(q4, k4, v4))
+        res["sdpa_fwdbwd_ms"] = bench_ms(_fwd_bwd(lambda: F.scaled_dot_product_attention(q4, k4, v4),
+                                                  (q4, k4, v4)))
     if torch_op:
         with _torch_path(True):
             with torch.no_grad():

@@ -4,7 +4,7 @@
 #     bash scripts/gpu_check.sh            (OUT=/some/dir to keep the logs there; default /tmp/linvision_gpu_check)
 #
 # Sections (each isolated: its failure or time-out does not stop the others; each has a time limit, shrunk so that
-# the whole run ends within GPU_CHECK_SECONDS, default 470):
+# the whole run ends within GPU_CHECK_SECONDS, default 450):
 #   cuda_tests      pytest tests/test_cuda.py -m cuda (Triton vs references, 16k tokens, bf16/fp16, torch.compile)
 #   amp_steps       bf16-autocast and fp16+GradScaler training steps of vrwkv_tiny / vir_tiny (scripts/gpu_amp_check.py)
 #   amp_cli         `linvision train --amp` (fp16 + GradScaler on CUDA), 3 steps of test_vir
@@ -24,7 +24,7 @@ WORK="$(mktemp -d)"
 ALL="$LOG/gpu_check.log"
 : > "$ALL"
 START=$(date +%s)
-DEADLINE=$((START + ${GPU_CHECK_SECONDS:-470}))
+DEADLINE=$((START + ${GPU_CHECK_SECONDS:-450}))
 SUMMARY=()
 
 left() { echo $((DEADLINE - $(date +%s))); }
@@ -47,8 +47,8 @@ section() {
     secs=$(( $(date +%s) - t0 ))
     cat "$WORK/$name.log" >> "$ALL"
     tail -n 15 "$WORK/$name.log"
-    note=$(grep -E "passed|failed|error|Error|OK |FAIL|all_reduce|img_per_s|refus|Duplicate" "$WORK/$name.log" \
-           | tail -n 1 | cut -c1-150 | tr '|' '/')
+    note=$(grep -E "(passed|failed|skipped|error)[^/]* in [0-9.]+s|^(OK|FAIL) |all_reduce|[A-Za-z]+(Error|Exception):|linvision: |Duplicate|NCCL|img_per_s|GPU benchmark" "$WORK/$name.log" \
+           | grep -v "errors.html" | tail -n 1 | cut -c1-160 | tr '|' '/')
     if (( rc == 124 || rc == 137 )); then status="TIMEOUT"; elif (( rc == 0 )); then status="ok"; else status="FAIL"; fi
     SUMMARY+=("| $name | $status | $rc | $secs | ${note:-} |")
     echo "=== $name: $status (rc $rc, ${secs}s)" | tee -a "$ALL"
@@ -59,12 +59,12 @@ TRAIN=(train --img-size 32 --patch-size 8 --epochs 1 --max-steps 3 --batch-size 
 {
     echo "linvision gpu_check $(date -u) on $(hostname)"
     nvidia-smi -L 2>&1 | head -4
-    python3 -c "import torch, triton, timm; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+    python3 -c "import linvision, torch, triton, timm; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'triton', triton.__version__, 'timm', timm.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() \
 else 'NO CUDA')" 2>&1
 } | tee -a "$ALL"
 
-section cuda_tests 170 python3 -m pytest tests/test_cuda.py -m cuda -q -rfEs -p no:cacheprovider --durations=10
+section cuda_tests 200 python3 -m pytest tests/test_cuda.py -m cuda -q -rfEs -p no:cacheprovider --durations=10
 cp "$WORK/cuda_tests.log" "$LOG/cuda_tests.log" 2>/dev/null
 section amp_steps 60 python3 scripts/gpu_amp_check.py
 section amp_cli 45 python3 -m linvision "${TRAIN[@]}" --model test_vir --device cuda --amp --output "$WORK/amp_cli"
@@ -77,8 +77,10 @@ section ddp_gloo_1gpu 60 torchrun --standalone --nproc_per_node 2 scripts/ddp_on
 section ddp_nccl_1proc 40 torchrun --standalone --nproc_per_node 1 scripts/ddp_one_gpu.py nccl "${TRAIN[@]}" \
     --model test_vir --device cuda --output "$WORK/ddp_nccl_1proc"
 BUDGET=$(( $(left) - 45 ))
+QUICK=()
+(( BUDGET < 120 )) && QUICK=(--quick)
 (( BUDGET < 20 )) && BUDGET=20
-section bench 100000 python3 scripts/gpu_bench.py --out "$LOG" --budget "$BUDGET"
+section bench 100000 python3 scripts/gpu_bench.py --out "$LOG" --budget "$BUDGET" ${QUICK[@]+"${QUICK[@]}"}
 
 {
     echo
