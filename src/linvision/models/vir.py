@@ -20,7 +20,7 @@ from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed
 from timm.models import generate_default_cfgs, register_model
 
 from ..layers.retention import RETENTION2D_MODES, RETENTION_MODES, MultiScaleRetention, MultiScaleRetention2D
-from ..ops.retention import auto_chunk_size
+from ..ops.retention import auto_chunk_size, op_chunk_size
 from ..stream import PatchRowEmbed, open_row_source
 from ._common import build, cfg, init_linear_trunc_normal, resize_pos_embed_2d, square_grid
 
@@ -38,7 +38,8 @@ class ViRBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4., init_values: Optional[float] = 1e-5,
                  drop_path: float = 0., proj_drop: float = 0., retention_norm: bool = False,
-                 chunk_size: Optional[int] = None, norm_layer: Callable = partial(nn.LayerNorm, eps=1e-6), retention_layer: type = MultiScaleRetention):
+                 chunk_size: Optional[int] = None, norm_layer: Callable = partial(nn.LayerNorm, eps=1e-6),
+                 retention_layer: type = MultiScaleRetention):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.retention = (MultiScaleRetention(dim, num_heads, retention_norm, chunk_size)
@@ -76,9 +77,10 @@ class VisionRetention(nn.Module):
             tokens (or one token) at a time, with one retention state ``[B, H, d, d]`` per block, so token-mixing
             memory does not grow with the number of tokens.
         chunk_size: tokens per chunk for ``'chunkwise'`` and :meth:`forward_stream` (also the retention op's chunk
-            length); default ``None``: from the token count and head size
-            (:func:`linvision.ops.retention.auto_chunk_size`; the op's chunk from the head size). An explicit value
-            wins.
+            length); default ``None``: automatic — ``'chunkwise'`` from the token count and head size
+            (:func:`linvision.ops.retention.auto_chunk_size`), streaming and the op's chunk from the head size
+            alone (:func:`~linvision.ops.retention.op_chunk_size`: 64 for heads of 64), so that streaming memory
+            stays constant in the image size. An explicit value wins.
 
     Shapes: input ``[B, in_chans, H, W]``; ``forward_features`` → ``[B, T + 1, C]`` (class token last);
     ``forward`` → ``[B, num_classes]``.
@@ -218,7 +220,8 @@ class VisionRetention(nn.Module):
                 of strips ``[h_i, W, C]`` with ``height``.
             mean, std: normalization of integer pixels (default: the model's ``pretrained_cfg``).
             pre_logits: return the pooled features ``[1, C]`` instead of logits.
-            chunk_size: tokens per chunk (default: the model's ``chunk_size``); larger chunks mean fewer, larger
+            chunk_size: tokens per chunk (default: the model's ``chunk_size``, else 64 for heads of 64:
+                :func:`~linvision.ops.retention.op_chunk_size`); larger chunks mean fewer, larger
                 operations (faster on CPU) and a larger constant working set.
 
         Returns:
@@ -231,7 +234,7 @@ class VisionRetention(nn.Module):
             raise ValueError("forward_stream needs global_pool 'token_last' or 'avg'")
         emb = self._row_embed(source, mean, std, height)
         states: list = [None] * len(self.blocks)
-        chunk = chunk_size or self.chunk_size or auto_chunk_size(emb.rows * emb.cols + 1, self.head_dim)
+        chunk = chunk_size or self.chunk_size or op_chunk_size(self.head_dim)  # auto: not from T (constant memory)
 
         def feed(h: torch.Tensor) -> torch.Tensor:  # one chunk: the parallel form with the carried-in state
             for i, blk in enumerate(self.blocks):
