@@ -43,6 +43,7 @@ from PIL import Image
 
 from .errors import LinvisionError
 from .models.vir import VisionRetention, VisionRetention2D
+from .ops.retention import op_chunk_size
 
 __all__ = ["RowSource", "NpySource", "PILSource", "ArraySource", "StripSource", "open_row_source",
            "PatchRowEmbed", "interpolation_matrix", "can_stream", "row_embed", "forward_stream", "predict_stream",
@@ -375,7 +376,8 @@ def forward_stream(model: VisionRetention, source, mean: Optional[Sequence[float
         mean, std: normalization of integer pixels (default: the model's ``pretrained_cfg``).
         height: the image height in pixels, for an iterator of strips.
         pre_logits: return the pooled features ``[1, C]`` instead of logits.
-        chunk_size: 1D: tokens per chunk (default: the model's ``chunk_size``); larger chunks mean fewer, larger
+        chunk_size: 1D: tokens per chunk (default: the model's ``chunk_size``, else
+            :func:`~linvision.ops.retention.op_chunk_size`: 64 for heads of 64); larger chunks mean fewer, larger
             operations (faster on CPU) and a larger constant working set.
 
     Returns:
@@ -395,7 +397,8 @@ def forward_stream(model: VisionRetention, source, mean: Optional[Sequence[float
     if isinstance(model, VisionRetention2D):
         x = _stream_rows(model, emb)
     else:
-        x = _stream_chunks(model, emb, chunk_size or model.chunk_size)
+        # auto: from the head size, not the token count, so that memory stays constant in the image size
+        x = _stream_chunks(model, emb, chunk_size or model.chunk_size or op_chunk_size(model.head_dim))
     x = model.head_drop(x)
     return x if pre_logits else model.head(x)
 

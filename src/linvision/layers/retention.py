@@ -7,7 +7,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ..ops.retention import decay_gammas, retention_chunkwise, retention_parallel, retention_recurrent
+from ..ops.retention import (decay_gammas, op_chunk_size, retention_chunkwise, retention_parallel,
+                             retention_recurrent)
 from ..ops.retention2d import retention2d_parallel, retention2d_recurrent
 
 __all__ = ["MultiScaleRetention", "MultiScaleRetention2D", "RETENTION_MODES", "RETENTION2D_MODES"]
@@ -28,7 +29,8 @@ class MultiScaleRetention(nn.Module):
         dim: channels C (``num_heads`` must divide it).
         num_heads: heads H.
         retention_norm: per-head RMSNorm on the retention output.
-        chunk_size: chunk length of the ``'chunkwise'`` form.
+        chunk_size: chunk length of the ``'chunkwise'`` form (default: from the head size,
+            :func:`~linvision.ops.retention.op_chunk_size`).
 
     ``forward(x, mode='parallel', state=None, output_final_state=False)`` takes ``x: [B, T, C]`` and a state
     ``[B, H, d, d]`` carried in from earlier tokens (or None), and returns ``(out [B, T, C], final state
@@ -36,14 +38,14 @@ class MultiScaleRetention(nn.Module):
     (``'parallel'``, ``'chunkwise'``, ``'recurrent'``: :mod:`linvision.ops.retention`) gives the same result.
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, retention_norm: bool = False, chunk_size: int = 64):
+    def __init__(self, dim: int, num_heads: int = 8, retention_norm: bool = False, chunk_size: Optional[int] = None):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.forms = {"parallel": retention_parallel, "recurrent": retention_recurrent,
-                      "chunkwise": partial(retention_chunkwise, chunk_size=chunk_size)}
+                      "chunkwise": partial(retention_chunkwise, chunk_size=chunk_size or op_chunk_size(self.head_dim))}
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.norm = nn.RMSNorm(self.head_dim, eps=1e-6) if retention_norm else nn.Identity()
         self.out_proj = nn.Linear(dim, dim, bias=True)

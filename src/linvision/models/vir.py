@@ -19,6 +19,7 @@ from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed
 from timm.models import generate_default_cfgs, register_model
 
 from ..layers.retention import RETENTION2D_MODES, RETENTION_MODES, MultiScaleRetention, MultiScaleRetention2D
+from ..ops.retention import auto_chunk_size
 from timm.models._features import feature_take_indices
 
 from ._common import (build, cfg, check_output_fmt, finish_intermediates, init_linear_trunc_normal, plain_feature_info,
@@ -37,8 +38,9 @@ class ViRBlock(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4., init_values: Optional[float] = 1e-5,
-                 drop_path: float = 0., proj_drop: float = 0., retention_norm: bool = False, chunk_size: int = 64,
-                 norm_layer: Callable = partial(nn.LayerNorm, eps=1e-6), retention_layer: type = MultiScaleRetention):
+                 drop_path: float = 0., proj_drop: float = 0., retention_norm: bool = False,
+                 chunk_size: Optional[int] = None, norm_layer: Callable = partial(nn.LayerNorm, eps=1e-6),
+                 retention_layer: type = MultiScaleRetention):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.retention = (MultiScaleRetention(dim, num_heads, retention_norm, chunk_size)
@@ -75,7 +77,11 @@ class VisionRetention(nn.Module):
             ``'chunkwise'``/``'recurrent'`` feed the token sequence through **all** blocks ``chunk_size``
             tokens (or one token) at a time, with one retention state ``[B, H, d, d]`` per block, so token-mixing
             memory does not grow with the number of tokens.
-        chunk_size: tokens per chunk for ``'chunkwise'``.
+        chunk_size: tokens per chunk for ``'chunkwise'`` and streaming (also the retention op's chunk length);
+            default ``None``: automatic — ``'chunkwise'`` from the token count and head size
+            (:func:`linvision.ops.retention.auto_chunk_size`), streaming and the op's chunk from the head size
+            alone (:func:`~linvision.ops.retention.op_chunk_size`: 64 for heads of 64), so that streaming memory
+            stays constant in the image size. An explicit value wins.
 
     Shapes: input ``[B, in_chans, H, W]``; ``forward_features`` → ``[B, T + 1, C]`` (class token last);
     ``forward`` → ``[B, num_classes]``.
@@ -95,13 +101,13 @@ class VisionRetention(nn.Module):
                  depth: int = 12, num_heads: int = 3, mlp_ratio: float = 4., init_values: Optional[float] = 1e-5,
                  retention_norm: bool = False, drop_rate: float = 0., pos_drop_rate: float = 0.,
                  proj_drop_rate: float = 0., drop_path_rate: float = 0., mode: str = "parallel",
-                 chunk_size: int = 64):
+                 chunk_size: Optional[int] = None):
         super().__init__()
         if mode not in self.modes:
             raise ValueError(f"mode must be one of {self.modes}, got {mode!r}")
         if global_pool not in self.pools:
             raise ValueError(f"global_pool must be one of {self.pools}, got {global_pool!r}")
-        self.mode, self.chunk_size = mode, chunk_size
+        self.mode, self.chunk_size, self.head_dim = mode, chunk_size, embed_dim // num_heads
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         self.num_classes, self.global_pool = num_classes, global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
@@ -174,7 +180,7 @@ class VisionRetention(nn.Module):
                 if i in take:
                     inter.append(x)
             return x, inter
-        step = 1 if mode == "recurrent" else self.chunk_size
+        step = 1 if mode == "recurrent" else (self.chunk_size or auto_chunk_size(x.shape[1], self.head_dim))
         states: list = [None] * len(blocks)
         outs, inter = [], {i: [] for i in take}
         for s in range(0, x.shape[1], step):

@@ -1,4 +1,5 @@
 """Token-mixing ops: a plain reference beside each fast form, same signature."""
+from . import biwkv_triton_op  # noqa: F401  (registers linvision::bi_wkv_triton_*; imports no Triton)
 from .biwkv import BI_WKV_VARIANTS, bi_wkv, bi_wkv_official_kernel_ref, bi_wkv_ref
 from .wkv6 import wkv6, wkv6_ref
 from .retention import decay_gammas, retention_chunkwise, retention_parallel, retention_recurrent, retention_ref

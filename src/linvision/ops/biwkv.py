@@ -23,12 +23,15 @@ Three forms share one signature ``(w, u, k, v) -> [B, T, C]``:
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["bi_wkv_ref", "bi_wkv", "bi_wkv_official_kernel_ref", "BI_WKV_VARIANTS"]
+from ._triton import triton_enabled
+
+__all__ = ["bi_wkv_ref", "bi_wkv", "bi_wkv_official_kernel_ref", "BI_WKV_VARIANTS", "wkv_chunk_len"]
 
 BI_WKV_VARIANTS = ("eq5", "official_kernel")
 
@@ -89,6 +92,12 @@ def _auto_chunk(B: int, T: int, C: int) -> int:
     """Chunk length for :func:`bi_wkv`: long chunks (few, large steps) for big inputs, short ones (fewer Python-level
     ops) for small inputs; measured on CPU, where 8-32 are within ~10% of the best at every shape tried."""
     return int(min(32, max(8, round(2 * B * T * C / _SLICE_ELEMS))))
+
+
+def wkv_chunk_len(T: int) -> int:
+    """Tokens per chunk of the Triton kernels: a power of two near √T in [16, 128] (the chunk scans and the carry
+    scan then take about equally many sequential steps)."""
+    return int(min(128, max(16, 2 ** round(math.log2(max(T, 1)) / 2))))
 
 
 def _chunking(T: int, target: int) -> Tuple[int, int]:
@@ -355,6 +364,9 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
     both with fake kernels, so ``torch.compile(fullgraph=True)`` traces through it; FLOP formulas for
     ``torch.utils.flop_counter`` (29 MACs per token and channel forward, as the official ``get_flops_backbone.py``;
     twice that backward). Plain torch ops, so it runs on CPU and CUDA alike; no token limit, nothing compiled.
+    On CUDA (float32/bf16/fp16, Triton installed, ``LINVISION_TRITON`` not ``0``) it runs instead the Triton
+    kernels of :mod:`linvision.ops.biwkv_triton` (the same scans, fused; custom op
+    ``linvision::bi_wkv_triton_fwd``/``_bwd``); Triton is imported only then.
 
     **Forward.** Per channel (dropped from the notation), with ``a_i = e^{k_i - max_j k_j}`` (the max cancels in the
     ratio) and two signals ``x^n_i = a_i v_i``, ``x^d_i = a_i``::
@@ -406,7 +418,7 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
         w, u: ``[C]`` decay and bonus, already divided by T (as the model passes them).
         k, v: ``[B, T, C]`` keys and values; any float dtype.
         variant: ``"eq5"`` (default) or ``"official_kernel"``.
-        chunk_size: tokens per scan chunk; default: by input size (8 – 32). Speed only.
+        chunk_size: tokens per scan chunk; default: by input size (8 – 32; Triton: 16 – 128). Speed only.
 
     Returns:
         ``[B, T, C]`` in the dtype of ``v``.
@@ -419,6 +431,9 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
     if variant != "eq5":
         raise ValueError(f"bi_wkv: variant must be one of {BI_WKV_VARIANTS}, got {variant!r}")
     _check(w, u, k, v)
+    if triton_enabled(w, u, k, v):  # CUDA: the Triton kernels (their op imports Triton when it first runs)
+        L = wkv_chunk_len(k.shape[1]) if chunk_size is None else max(int(chunk_size), 1)
+        return torch.ops.linvision.bi_wkv_triton_fwd(w, u, k, v, L)[0]
     if chunk_size is None:
         chunk_size = _auto_chunk(*k.shape)
     return torch.ops.linvision.bi_wkv_fwd(w, u, k, v, int(chunk_size))[0]

@@ -22,7 +22,10 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["retention_ref", "retention_parallel", "retention_recurrent", "retention_chunkwise", "decay_gammas"]
+from ._triton import triton_enabled
+
+__all__ = ["retention_ref", "retention_parallel", "retention_recurrent", "retention_chunkwise", "decay_gammas",
+           "op_chunk_size", "auto_chunk_size"]
 
 Out = Tuple[torch.Tensor, Optional[torch.Tensor]]
 
@@ -33,6 +36,25 @@ def decay_gammas(num_heads: int) -> torch.Tensor:
     Computed in float32 exactly as the authors' code does (the golden files were made that way).
     """
     return 1 - torch.exp(torch.linspace(math.log(1 / 32), math.log(1 / 512), num_heads))
+
+
+AUTO_CHUNK_MAX_TOKENS = 4096
+
+
+def op_chunk_size(head_dim: int) -> int:
+    """Chunk length for :func:`retention_chunkwise` from the head size K (= V): a power of two near K in
+    [16, 128]. Per token the intra-chunk part costs ~``c (K + V)`` multiply-adds and the state part ~``2 K V``;
+    they balance at ``c ≈ K`` (64 for ViR's heads of 64, the former fixed default)."""
+    return int(min(128, max(16, 2 ** round(math.log2(max(head_dim, 1))))))
+
+
+def auto_chunk_size(num_tokens: int, head_dim: int) -> int:
+    """Tokens per pass for ViR's chunkwise and streaming forwards (sequence fed through all blocks a chunk at a
+    time): whole op chunks (:func:`op_chunk_size`) covering the sequence, at most ``AUTO_CHUNK_MAX_TOKENS`` = 4096
+    (activations of one pass stay bounded; fewer, larger passes cost fewer kernel launches), at least one op
+    chunk. E.g. 197 tokens, K = 64 -> 256 (one pass); 16,385 tokens -> 4096 (5 passes)."""
+    c = op_chunk_size(head_dim)
+    return int(max(c, min(AUTO_CHUNK_MAX_TOKENS // c * c, -(-int(num_tokens) // c) * c)))
 
 
 def _check(q, k, v, gamma, initial_state) -> None:
@@ -170,6 +192,13 @@ def retention_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma
     return o, (S if output_final_state else None)
 
 
+@torch.compiler.disable  # the kernels run eagerly (torch.compile breaks the graph here rather than trace them)
+def _chunkwise_triton(*args) -> Out:
+    from .retention_triton import retention_chunkwise_triton  # CUDA only: Triton is imported here
+
+    return retention_chunkwise_triton(*args)
+
+
 def retention_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor,
                         scale: Optional[float] = None, initial_state: Optional[torch.Tensor] = None,
                         output_final_state: bool = False, chunk_size: int = 64) -> Out:
@@ -182,12 +211,18 @@ def retention_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma
 
     which is :func:`retention_parallel` with ``initial_state`` applied to each chunk in turn. The last chunk
     may be shorter (T need not be a multiple of ``chunk_size``). Memory O(B H chunk²) instead of O(B H T²).
+    On CUDA (float32/bf16/fp16, head dims <= 128, gamma without gradient, Triton installed, ``LINVISION_TRITON``
+    not ``0``) the Triton kernels of :mod:`linvision.ops.retention_triton` run instead (chunk length
+    ``chunk_size`` rounded to a power of two in [16, 64]; the final state in q's dtype).
     Same arguments, returns and errors as :func:`retention_ref`, plus ``chunk_size >= 1``.
     """
     _check(q, k, v, gamma, initial_state)
     if chunk_size < 1:
         raise ValueError(f"retention_chunkwise: chunk_size must be >= 1, got {chunk_size}")
     T, K = q.shape[1], q.shape[-1]
+    if (T > 0 and max(K, v.shape[-1]) <= 128 and not gamma.requires_grad
+            and triton_enabled(q, k, v, *([] if initial_state is None else [initial_state]))):
+        return _chunkwise_triton(q, k, v, gamma, scale, initial_state, output_final_state, chunk_size)
     scale = K ** -0.5 if scale is None else scale
     S, outs = initial_state, []
     for s in range(0, T, chunk_size):
