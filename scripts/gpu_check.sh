@@ -64,23 +64,21 @@ TRAIN=(train --img-size 32 --patch-size 8 --epochs 1 --max-steps 3 --batch-size 
 else 'NO CUDA')" 2>&1
 } | tee -a "$ALL"
 
-section cuda_tests 200 python3 -m pytest tests/test_cuda.py -m cuda -q -rfEs -p no:cacheprovider --durations=10
+section cuda_tests 150 python3 -m pytest tests/test_cuda.py -m cuda -q -rfEs -p no:cacheprovider --durations=10
 cp "$WORK/cuda_tests.log" "$LOG/cuda_tests.log" 2>/dev/null
-section amp_steps 60 python3 scripts/gpu_amp_check.py
-section amp_cli 45 python3 -m linvision "${TRAIN[@]}" --model test_vir --device cuda --amp --output "$WORK/amp_cli"
-section ddp_nccl_2proc 40 torchrun --standalone --nproc_per_node 2 -m linvision "${TRAIN[@]}" --model test_vrwkv \
-    --device cuda --output "$WORK/ddp_nccl_2proc"
-section ddp_nccl_1gpu 40 torchrun --standalone --nproc_per_node 2 scripts/ddp_one_gpu.py nccl "${TRAIN[@]}" \
-    --model test_vrwkv --device cuda --output "$WORK/ddp_nccl_1gpu"
-section ddp_gloo_1gpu 60 torchrun --standalone --nproc_per_node 2 scripts/ddp_one_gpu.py gloo "${TRAIN[@]}" \
+# the benchmark before the DDP/AMP checks: its numbers matter most; those below are short and may be cut
+BUDGET=${GPU_BENCH_SECONDS:-140}
+section bench $((BUDGET + 40)) python3 scripts/gpu_bench.py --out "$LOG" --budget "$BUDGET"
+section amp_steps 45 python3 scripts/gpu_amp_check.py
+section amp_cli 35 python3 -m linvision "${TRAIN[@]}" --model test_vir --device cuda --amp --output "$WORK/amp_cli"
+section ddp_gloo_1gpu 45 torchrun --standalone --nproc_per_node 2 scripts/ddp_one_gpu.py gloo "${TRAIN[@]}" \
     --model test_vrwkv --device cuda --output "$WORK/ddp_gloo_1gpu"
-section ddp_nccl_1proc 40 torchrun --standalone --nproc_per_node 1 scripts/ddp_one_gpu.py nccl "${TRAIN[@]}" \
+section ddp_nccl_1proc 30 torchrun --standalone --nproc_per_node 1 scripts/ddp_one_gpu.py nccl "${TRAIN[@]}" \
     --model test_vir --device cuda --output "$WORK/ddp_nccl_1proc"
-BUDGET=$(( $(left) - 45 ))
-QUICK=()
-(( BUDGET < 120 )) && QUICK=(--quick)
-(( BUDGET < 20 )) && BUDGET=20
-section bench 100000 python3 scripts/gpu_bench.py --out "$LOG" --budget "$BUDGET" ${QUICK[@]+"${QUICK[@]}"}
+section ddp_nccl_2proc 25 torchrun --standalone --nproc_per_node 2 -m linvision "${TRAIN[@]}" --model test_vrwkv \
+    --device cuda --output "$WORK/ddp_nccl_2proc"
+section ddp_nccl_1gpu 20 torchrun --standalone --nproc_per_node 2 scripts/ddp_one_gpu.py nccl "${TRAIN[@]}" \
+    --model test_vrwkv --device cuda --output "$WORK/ddp_nccl_1gpu"
 
 {
     echo
