@@ -151,7 +151,9 @@ def bench_retention(B, T, H, chunk=64):
     return {k_: round(v_, 4) for k_, v_ in res.items()}
 
 
-def bench_model(name, res, batch, kw, max_s=20.0):
+def bench_model(name, res, batch, kw, max_s=20.0, graph=False):
+    """img/s and peak MiB of one bf16-autocast inference step; ``graph``: replay a captured CUDA graph of the step
+    (removes the per-op launch cost, which dominates small batches of these 12-block models)."""
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     model = timm.create_model(name, img_size=res, num_classes=1000, **kw).cuda().eval()
@@ -163,6 +165,18 @@ def bench_model(name, res, batch, kw, max_s=20.0):
     t = time.time()
     step()  # warm-up (Triton compiles, cuDNN picks)
     torch.cuda.synchronize()
+    if graph:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            step()
+        step = g.replay
+        step()
+        torch.cuda.synchronize()
     once = time.time() - t
     iters = max(1, min(10, int(max_s / max(once, 1e-3) / 2)))
     ms = events_ms(step, iters=iters, warmup=1 if once < max_s / 4 else 0)
@@ -191,6 +205,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT") or ".", help="folder for bench.json / bench.md")
     ap.add_argument("--budget", type=float, default=200.0, help="stop starting rows after this many seconds")
     ap.add_argument("--quick", action="store_true", help="fewer shapes")
+    ap.add_argument("--models", default="", help="only model rows at these RES:BATCH pairs, e.g. 1024:8,2048:4, "
+                    "each eager and as a replayed CUDA graph")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_bench: CUDA is not available", file=sys.stderr)
@@ -206,6 +222,18 @@ def main(argv=None) -> int:
     def time_left() -> bool:
         return time.time() - T0 < args.budget
 
+    if args.models:  # only the model rows, at the given res:batch pairs, eager and CUDA-graph replay
+        pairs = [tuple(int(v) for v in p.split(":")) for p in args.models.split(",")]
+        models = [("deit_tiny_patch16_224", {}), ("vrwkv_tiny", {}), ("vir_tiny", {"mode": "chunkwise"})]
+        for res, batch in pairs:
+            for name, kw in models:
+                for graph in (False, True):
+                    if time_left():
+                        label = name + ("[chunkwise]" if kw else "") + ("[graph]" if graph else "")
+                        record("models", {"model": label, "res": res, "batch": batch},
+                               lambda: bench_model(name, res, batch, kw, graph=graph))
+        print(write())
+        return 0
     Bs = (1,) if args.quick else (1, 4)
     for T in (4096, 16384):
         for C in (192, 384):
