@@ -87,8 +87,8 @@ class Task(Protocol):
 class LoopConfig:
     """Loop settings: ``epochs``, ``seed`` (per-epoch RNG streams), ``save_every`` (recovery checkpoint every N
     steps, 0 = epoch ends only), ``max_steps`` (of this invocation; ends that epoch early), ``log_interval``
-    (without a terminal: a progress line every N steps, 0 = epoch lines only), ``clip_grad`` (0 = off) and
-    ``amp`` (float16 + grad scaler on CUDA, bfloat16 on CPU)."""
+    (without a terminal: a progress line every N steps, 0 = epoch lines only), ``clip_grad`` (0 = off),
+    ``amp`` (float16 + grad scaler on CUDA, bfloat16 on CPU) and ``sync_bn`` (BatchNorm over all ranks)."""
 
     epochs: int
     seed: int = 0
@@ -97,6 +97,7 @@ class LoopConfig:
     log_interval: int = 0
     clip_grad: float = 0.0
     amp: bool = False
+    sync_bn: bool = False  # under DDP on CUDA: BatchNorm statistics over the global batch (timm's --sync-bn)
 
 
 @dataclass
@@ -316,6 +317,8 @@ def fit(task: Task, trainer: Trainer, run: RunFolder, train_loader: Any, cfg: Lo
         _log.info("resumed %s at epoch %d%s, step %d", run.out, start_epoch,
                   f" + {start_batch}/{len(train_loader)} batches" if start_batch else "", trainer.step)
     if di.distributed:
+        if cfg.sync_bn and di.device.type == "cuda":  # SyncBatchNorm needs CUDA
+            torch.nn.SyncBatchNorm.convert_sync_batchnorm(trainer.model)
         trainer.net = torch.nn.parallel.DistributedDataParallel(
             trainer.model, device_ids=[di.device.index] if di.device.type == "cuda" else None)
     batch_size = train_loader.batch_size

@@ -96,12 +96,13 @@ def load_supernet(path: str | Path, device: str | torch.device = "cpu") -> Tuple
 class SupernetTask:
     """The super-network on the engine's loop (:class:`linvision.engine.loop.Task`).
 
-    Step: ``archs_per_step × world_size`` sub-networks are drawn from an RNG seeded by ``(seed, step)`` — the
-    same on every rank, so the draw does not depend on the number of processes or on resuming — and rank ``r``
-    trains the ``r``-th ``archs_per_step`` of them, each on its slice of the batch. A single process with the
-    same global batch and ``archs_per_step × world_size`` sub-networks per step therefore trains the same
-    sub-networks on the same images. Epoch hook: rewiring during the choice warm-up. Evaluation: the largest and
-    smallest sub-networks on the held-out images (``score``: the largest's top-1)."""
+    Step: ``K = archs_per_step × world_size`` sub-networks are drawn from an RNG seeded by ``(seed, step)`` (the
+    same on every rank, so the draw depends neither on the rank nor on resuming), and the image at position ``p``
+    of the global batch runs sub-network ``p mod K``. Rank ``r`` holds positions ``r, r + world_size, ...`` (the
+    sampler's sharding), so it runs ``archs_per_step`` of them. One process with the same global batch and
+    ``K`` sub-networks per step therefore trains the same sub-networks on the same images. Epoch hook: rewiring
+    during the choice warm-up. Evaluation: the largest and smallest sub-networks on the held-out images
+    (``score``: the largest's top-1)."""
 
     score_name = "top1_largest"
     metric_fields = METRICS
@@ -121,10 +122,10 @@ class SupernetTask:
     def train_step(self, net: torch.nn.Module, batch: Any, info: StepInfo
                    ) -> Tuple[torch.Tensor, int, Dict[str, float]]:
         x, y = (t.to(info.device, non_blocking=True) for t in batch)
-        k = min(self.args.archs_per_step, len(x))
+        K = min(self.args.archs_per_step, len(x)) * info.world_size
         rng = random.Random(self.args.seed * 1_000_003 + info.step)
-        archs = self.net.sample_archs(k * info.world_size, info.position, self.args.choice_warmup_epochs, rng)
-        logits = net(x, archs[info.rank * k:(info.rank + 1) * k])
+        archs = self.net.sample_archs(K, info.position, self.args.choice_warmup_epochs, rng)
+        logits = net(x, [archs[(info.rank + info.world_size * j) % K] for j in range(len(x))])  # one per image
         return self.criterion(logits, y), len(y), {"correct": int((logits.argmax(1) == y).sum())}
 
     def train_metrics(self, sums: Dict[str, float]) -> Dict[str, float]:
@@ -229,7 +230,7 @@ def _train_supernet(args: Namespace, di: DistInfo) -> Dict[str, Any]:
               len(loader.sampler.indices), len(held_idx), len(loader), di.world_size, run.out)
     cfg = LoopConfig(epochs=args.epochs, seed=args.seed, save_every=getattr(args, "save_every_steps", 0) or 0,
                      max_steps=args.max_steps, log_interval=getattr(args, "log_interval", 0) or 0,
-                     clip_grad=args.clip_grad)
+                     clip_grad=args.clip_grad, sync_bn=True)  # the stem's BatchNorm over the global batch (CUDA)
     r = fit(SupernetTask(net, args, config), trainer, run, loader, cfg, val=("holdout", held_loader))
     last = {k: r["history"][-1][k] for k in ("holdout_top1_largest", "holdout_top1_smallest")} if r["history"] \
         else {}
