@@ -41,7 +41,9 @@ def test_raw_or_ema_is_chosen_on_held_out_training_images(tiny_data, tmp_path, c
     (r,) = rows(out)
     assert r["weights"] == choice["weights"] and r["val_top1"] == r[f"val_top1_{r['weights']}"]
     assert {"val_top1_raw", "val_top1_ema", "test_top1"} <= set(r) and "test_top1_raw" not in r
-    assert f"kept the {choice['weights']} weights (higher val top1" in err
+    assert f"kept the {choice['weights']} weights (" in err and choice["reason"] in err
+    assert choice["reason"] == ("equal val top1: raw kept" if len(set(choice["scores"].values())) == 1 else
+                                "higher val top1")
     assert "model choice: raw/EMA weights by top-1 on 2 validation images (held out of train/)" in err
     assert "14 train / 8 test images" in err
     # not a terminal: no tqdm bar (each refresh would be a carriage-return line), one line per epoch

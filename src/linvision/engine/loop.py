@@ -280,7 +280,9 @@ def _choose_weights(task: Task, trainer: Trainer, val: tuple[str, Any] | None, t
         which = max(scores, key=lambda k: scores[k]["score"])
         row.update({f"{split}_{task.score_name}_{k}": _round("", float(m["score"])) for k, m in scores.items()})
         row.update({f"{split}_{k}": _round(k, v) for k, v in scores[which].items() if isinstance(v, (int, float))})
-        reason = (f"higher {split} {task.score_name}" if len(cands) > 1 else "the only weights")
+        tie = len({m["score"] for m in scores.values()}) == 1
+        reason = ("the only weights" if len(cands) == 1 else f"equal {split} {task.score_name}: raw kept" if tie
+                  else f"higher {split} {task.score_name}")
         choice = {"weights": which, "split": split, "reason": reason,
                   "scores": {k: round(float(m["score"]), 4) for k, m in scores.items()}}
         reported = scores[which]

@@ -409,6 +409,36 @@ def _holdout_batches(net, config: Dict[str, Any], data: Optional[str], batch_siz
     return [b for b in loader if b is not None]
 
 
+def _constraint(args, net, di) -> Tuple[float, str, Callable, Optional["LatencyModel"]]:
+    """``(budget, kind, cost function, latency model or None)`` of ``--macs`` / ``--latency-ms`` (rank 0
+    calibrates a latency table and writes ``--latency-table``)."""
+    space, device = net.space, di.device
+    if args.macs is not None:
+        try:
+            budget = parse_macs(args.macs)
+        except ValueError as e:
+            raise LinvisionError(str(e)) from None
+        kind = "macs"
+        cost = lambda a: analytic_macs(a, net.img_size, net.num_classes, stem_chans=space.stem_chans,  # noqa: E731
+                                       normalized=True)
+        latency = None
+    else:
+        budget, kind = float(args.latency_ms), "latency"
+        table = None
+        if args.latency_table and Path(args.latency_table).is_file():
+            table = json.loads(Path(args.latency_table).read_text()).get("table")
+        latency = LatencyModel(space, net.img_size, net.num_classes, args.latency_batch, device, args.latency_mode,
+                               table=table)
+        if args.latency_mode == "table" and di.is_main:
+            latency.calibrate()
+            if args.latency_table:
+                atomic_write(Path(args.latency_table), json.dumps(
+                    {"device": str(device), "batch": args.latency_batch, "img_size": net.img_size,
+                     "space": space.name, "table": latency.table}, indent=1).encode())
+        cost = latency
+    return budget, kind, cost, latency
+
+
 def run_search(args) -> Dict[str, Any]:
     """Run (or resume) an evolutionary search; returns the best candidate's row plus ``output``.
 
@@ -449,29 +479,7 @@ def run_search(args) -> Dict[str, Any]:
     net, config = load_supernet(args.supernet, device)
     space = net.space
 
-    if args.macs is not None:
-        try:
-            budget = parse_macs(args.macs)
-        except ValueError as e:
-            raise LinvisionError(str(e)) from None
-        kind = "macs"
-        cost = lambda a: analytic_macs(a, net.img_size, net.num_classes, stem_chans=space.stem_chans,  # noqa: E731
-                                       normalized=True)
-        latency = None
-    else:
-        budget, kind = float(args.latency_ms), "latency"
-        table = None
-        if args.latency_table and Path(args.latency_table).is_file():
-            table = json.loads(Path(args.latency_table).read_text()).get("table")
-        latency = LatencyModel(space, net.img_size, net.num_classes, args.latency_batch, device, args.latency_mode,
-                               table=table)
-        if args.latency_mode == "table" and di.is_main:
-            latency.calibrate()
-            if args.latency_table:
-                atomic_write(Path(args.latency_table), json.dumps(
-                    {"device": str(device), "batch": args.latency_batch, "img_size": net.img_size,
-                     "space": space.name, "table": latency.table}, indent=1).encode())
-        cost = latency
+    budget, kind, cost, latency = _constraint(args, net, di)
     evo = EvolutionarySearch(space, cost, budget, args.lower, args.population, args.top_k, args.mutate_prob,
                              args.mutations, args.crossovers, args.seed)
     if di.is_main:
