@@ -285,7 +285,7 @@ def _choose_weights(task: Task, trainer: Trainer, val: tuple[str, Any] | None, t
                   else f"higher {split} {task.score_name}")
         choice = {"weights": which, "split": split, "reason": reason,
                   "scores": {k: round(float(m["score"]), 4) for k, m in scores.items()}}
-        reported = scores[which]
+        reported = {**scores[which], "split": split}
     else:
         which = "ema" if "ema" in cands else "raw"
         choice = {"weights": which, "split": None, "reason": "no validation data: "
@@ -293,7 +293,7 @@ def _choose_weights(task: Task, trainer: Trainer, val: tuple[str, Any] | None, t
         reported = {}
     if test is not None:
         split, loader = test
-        reported = task.evaluate(cands[which], loader, trainer.di, split)
+        reported = {**task.evaluate(cands[which], loader, trainer.di, split), "split": split}
         row.update({f"{split}_{k}": _round(k, v) for k, v in reported.items() if isinstance(v, (int, float))})
     return which, row, reported, choice
 
@@ -383,6 +383,6 @@ def _end_epoch(task: Task, trainer: Trainer, run: RunFolder, loader: Any, epoch:
         unreadable = f", {skipped} unreadable image(s) skipped" if skipped else ""
         tqdm.write(f"epoch {h['epoch']}/{cfg.epochs} step {trainer.step}: {body}{unreadable}", file=sys.stderr)
         if metrics.get("skipped"):
-            _log.warning("%d unreadable evaluation image(s) skipped", metrics["skipped"])
+            _log.warning("%d unreadable %s image(s) skipped", metrics["skipped"], metrics["split"])
     return {"weights": which, "metrics": metrics, "choice": choice}
 

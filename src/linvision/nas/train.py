@@ -13,7 +13,7 @@ import random
 import time
 from argparse import Namespace
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 
@@ -145,7 +145,7 @@ class SupernetTask:
     def model_config(self, epoch: int, step: int, weights: str, metrics: Dict[str, Any],
                      choice: Dict[str, Any]) -> Dict[str, Any]:
         return {**self.config, "epoch": epoch, "step": step,
-                "metrics": {f"holdout_{k}": round(v, 3) for k, v in metrics.items() if k != "score"},
+                "metrics": {f"holdout_{k}": round(v, 3) for k, v in metrics.items() if k.startswith("top1")},
                 "versions": {"torch": torch.__version__, "timm": timm.__version__}}
 
 
