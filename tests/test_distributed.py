@@ -135,7 +135,8 @@ def test_lr_is_linear_in_the_global_batch(tiny_data, tmp_path, given, expected, 
 # step; L2 of the weight-change difference 19 % of the change after 4 steps). To compare the loop itself, both
 # runs here use BatchNorm with its (initial) running statistics, i.e. a fixed affine map; then the runs differ
 # only in float32 summation order, and the tolerance is the classification test's: 1e-3 of the largest weight
-# change (measured: change 0.139, difference 1.1e-5, i.e. 8e-5 of it); losses to 1e-4. No drop-path (per-rank RNG streams); choice warm-up 0.5 rewires only at epoch 0, on the
+# change (measured: change 0.139, difference 1.1e-5, i.e. 8e-5 of it); losses to 1e-4. No drop-path (per-rank
+# RNG streams); choice warm-up 0.5 rewires only at epoch 0, on the
 # identical initial weights.
 SN = ["supernet", "train", "--space", "test", "--holdout", "2", "--workers", "0", "--threads", "1", "--epochs", "2",
       "--choice-warmup-epochs", "0.5", "--warmup-epochs", "0", "--lr", "1e-2", "--drop-path", "0",

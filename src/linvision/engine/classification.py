@@ -125,7 +125,8 @@ def evaluate(model: torch.nn.Module, loader: Any, class_names: Sequence[str] | N
              dist_info: DistInfo | None = None) -> dict[str, Any]:
     """Evaluate a classifier on a loader of ``(images [B,3,H,W], targets [B])`` batches (``None`` batches skipped).
 
-    ``device``: where batches go (default: the model's). ``dist_info``: when distributed, each rank evaluates its
+    ``device``: where batches go (default: the model's). ``progress``: a tqdm bar when stderr is a terminal.
+    ``dist_info``: when distributed, each rank evaluates its
     shard (``build_eval_loader(..., num_replicas, rank)``) and the sums are reduced, so every rank returns the
     metrics of the whole split.
 
@@ -144,7 +145,8 @@ def evaluate(model: torch.nn.Module, loader: Any, class_names: Sequence[str] | N
     n = c1 = c5 = 0
     loss_sum = 0.0
     hits = counts = None
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, file=sys.stderr, dynamic_ncols=True):
+    bar = progress and sys.stderr.isatty()  # no carriage-return lines in logs
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not bar, file=sys.stderr, dynamic_ncols=True):
         if batch is None:
             continue
         x, y = batch[0].to(device), batch[1].to(device)

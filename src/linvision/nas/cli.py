@@ -62,7 +62,8 @@ def add_nas_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     t.add_argument("--img-size", type=int, help="input resolution, a multiple of 56 [the space's]")
     t.add_argument("--epochs", type=int, help=f"[{d['epochs']}]")
     t.add_argument("--batch-size", type=int, help=f"[{d['batch_size']}]")
-    t.add_argument("--archs-per-step", type=int, help="sub-networks trained per step and process, each on its share of the batch "
+    t.add_argument("--archs-per-step", type=int, help="sub-networks trained per step and process, each on its "
+                                                      "share of the batch "
                                                       f"[{d['archs_per_step']}]")
     t.add_argument("--choice-warmup-epochs", type=float, help="progressive warm-up of the choice sets, with "
                                                               f"rewiring [{d['choice_warmup_epochs']}]")

@@ -147,7 +147,8 @@ class LatencyModel:
                 x = torch.randn(b, (g // 2 ** (len(sp.dims) - 1)) ** 2 + 1, c, device=dev)
                 return lambda: lin(norm(x)[:, 0])
             jobs.append((f"head/{c}", head))
-        for key, make in tqdm(jobs, desc="latency table", file=sys.stderr, leave=False, disable=not progress):
+        for key, make in tqdm(jobs, desc="latency table", file=sys.stderr, leave=False,
+                             disable=not (progress and sys.stderr.isatty())):
             if key not in self.table:
                 self.table[key] = self._time(make())
         return self.table
@@ -512,7 +513,8 @@ def run_search(args) -> Dict[str, Any]:
             break
         todo = [(i, c) for i, c in enumerate(cands) if c.key not in done]
         bar = tqdm(total=len(cands), initial=len(cands) - len(todo), desc=f"search iteration {it + 1}/"
-                   f"{args.iterations}", file=sys.stderr, dynamic_ncols=True, leave=False, disable=not progress_enabled(di))
+                   f"{args.iterations}", file=sys.stderr, dynamic_ncols=True, leave=False,
+                   disable=not progress_enabled(di))
         chunk = di.world_size
         for start in range(0, len(todo), chunk):
             part = todo[start:start + chunk]
