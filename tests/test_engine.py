@@ -66,3 +66,36 @@ def test_val_folder_is_used_for_choice_and_none_keeps_ema(tmp_path, capsys):
     config = json.loads((out / "config.json").read_text())
     assert rc == 0 and config["weights"] == "ema" and config["model_choice"]["split"] is None
     assert "no validation data" in config["model_choice"]["reason"] and rows(out)[0]["val_top1"] == ""
+
+
+def test_supernet_resumes_inside_an_epoch_bit_for_bit(tiny_data, tmp_path, capsys, monkeypatch):
+    """The super-network gets the loop's recovery checkpoints: a run stopped after step 4 (inside epoch 2 of 3
+    steps each) and resumed equals the uninterrupted run exactly (sub-networks drawn from (seed, step))."""
+    import pytest
+    import torch
+    from safetensors.torch import load_file
+    from linvision.nas.train import SupernetTask
+    sn = ["supernet", "train", "--space", "test", "--batch-size", "4", "--archs-per-step", "2", "--holdout", "4",
+          "--workers", "0", "--threads", "1", "--choice-warmup-epochs", "1", "--warmup-epochs", "0.5", "--epochs", "2",
+          "--save-every-steps", "2", "--data", tiny_data]
+    assert run(capsys, *sn, "--output", tmp_path / "ref")[0] == 0
+    step = SupernetTask.train_step
+
+    def killed_at_step_5(self, net, batch, info):
+        if info.step == 4:
+            raise RuntimeError("killed")
+        return step(self, net, batch, info)
+
+    monkeypatch.setattr(SupernetTask, "train_step", killed_at_step_5)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(capsys, *sn, "--output", tmp_path / "b")
+    monkeypatch.undo()
+    state = torch.load(tmp_path / "b" / "train_state.pt", weights_only=True)
+    assert (state["epoch"], state["batch_in_epoch"], state["step"]) == (1, 1, 4)
+    rc, _, err = run(capsys, "supernet", "train", "--resume", tmp_path / "b", "--workers", "0")
+    assert rc == 0 and "at epoch 1 + 1/3 batches, step 4" in err
+    a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    drop = ("img_per_s", "epoch_seconds")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in rows(tmp_path / "ref")] == \
+           [{k: v for k, v in r.items() if k not in drop} for r in rows(tmp_path / "b")]
