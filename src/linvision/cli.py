@@ -51,9 +51,11 @@ MAIN_JOB: dict[str, Any] = {
     "threads": None,         # None: all CPU cores
     "max_steps": None,
     "train_subset": None,
+    "val_split": 0.05,       # model choice (raw/EMA) on this part of train/ (fraction or count; 0: none; val/ wins)
     "seed": 0,
     "output": None,          # None: runs/<model>-<YYYYmmdd-HHMMSS>
     "save_every_steps": 0,   # 0: train_state.pt only at epoch ends; N: also after every N-th optimizer step
+    "log_interval": 0,       # without a terminal: also a progress line every N steps (0: one line per epoch)
     "device": "auto",        # cuda:LOCAL_RANK if CUDA is available, else cpu
     "amp": False,            # mixed precision: float16 + grad scaler on CUDA, bfloat16 on CPU
     "arch": None,            # ViT-ResNAS architecture (from --arch FILE, e.g. `linvision search`'s best.json)
@@ -146,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cutmix-alpha", type=float, help=f"[{d['cutmix_alpha']}]")
     t.add_argument("--smoothing", type=float, help=f"label smoothing [{d['smoothing']}]")
     t.add_argument("--ema", action=argparse.BooleanOptionalAction,
-                   help=f"keep an EMA of the weights; the better of EMA/raw is saved [{'on' if d['ema'] else 'off'}]")
+                   help="keep an EMA of the weights; the better of EMA/raw on the validation data is saved "
+                        f"[{'on' if d['ema'] else 'off'}]")
     t.add_argument("--ema-decay", type=float, help=f"[{d['ema_decay']}]")
     t.add_argument("--clip-grad", type=float, help=f"gradient-norm clipping, 0 = off [{d['clip_grad']}]")
     t.add_argument("--drop-path", type=float, help=f"stochastic depth rate [{d['drop_path']}]")
@@ -157,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-steps", type=int, metavar="N",
                    help="stop after N optimizer steps of this invocation (ends that epoch early, saves, stops)")
     t.add_argument("--train-subset", type=int, metavar="N", help="train on a class-balanced subset of N images")
+    t.add_argument("--val-split", type=float, metavar="F",
+                   help="hold out this part of train/ (a fraction < 1, or a count; class-balanced, seeded by --seed, "
+                        "at least one image per class) to choose between raw and EMA weights; a data set's val/ "
+                        f"split (next to test/) is used instead; 0 = none: EMA kept [{d['val_split']}]")
+    t.add_argument("--log-interval", type=int, metavar="N",
+                   help="when stderr is not a terminal, also log progress every N steps (0: one line per epoch) "
+                        f"[{d['log_interval']}]")
     t.add_argument("--save-every-steps", type=int, metavar="N",
                    help="also write the resumable train_state.pt after every N-th optimizer step, 0 = only at "
                         f"epoch ends [{d['save_every_steps']}]")
@@ -201,7 +211,8 @@ def train_args(given: dict[str, Any]) -> argparse.Namespace:
     from .checkpoint import load_train_state
     merged = dict(MAIN_JOB)
     if given.get("resume"):
-        merged.update(load_train_state(given["resume"])["args"])
+        stored = load_train_state(given["resume"])["args"]
+        merged.update({"val_split": 0, **stored})  # runs from before --val-split had none
         merged["output"] = given["resume"]
     merged.update(given)
     merged.setdefault("resume", None)
@@ -216,7 +227,7 @@ def _positive(given: dict[str, Any]) -> None:
     for k in ("epochs", "batch_size", "img_size", "patch_size", "lr_base_size", "train_subset", "max_steps"):
         if given.get(k) is not None and given[k] <= 0:
             raise LinvisionError(f"--{k.replace('_', '-')} must be positive (got {given[k]})")
-    for k in ("save_every_steps", "workers", "threads", "warmup_epochs", "clip_grad"):
+    for k in ("save_every_steps", "workers", "threads", "warmup_epochs", "clip_grad", "val_split", "log_interval"):
         if given.get(k) is not None and given[k] < 0:
             raise LinvisionError(f"--{k.replace('_', '-')} must not be negative (got {given[k]})")
     for k in ("lr", "min_lr", "warmup_lr", "weight_decay", "warmup_epochs", "clip_grad", "drop_path"):

@@ -42,7 +42,7 @@ __all__ = [
     "IMG_EXTENSIONS", "IMAGE_ERRORS", "EMBEDDED_ARCHIVE", "ImageFolder", "SeededSampler", "resolve_data_root",
     "split_dir", "extract_archive", "cache_dir", "load_rgb", "to_rgb", "is_small_image_dataset", "build_transforms",
     "build_train_loader", "build_eval_loader", "build_loaders", "collate_skip_none", "default_workers",
-    "stratified_subset",
+    "stratified_subset", "holdout_split", "validation_split_dir",
 ]
 
 _log = logging.getLogger("linvision")
@@ -140,12 +140,13 @@ def resolve_data_root(path: str | Path | None) -> Path:
 
 
 def split_dir(root: str | Path, split: str) -> Path:
-    """Folder of one split: ``split="train"`` → ``root/train``; ``split="eval"`` → ``root/test`` (else ``val``).
+    """Folder of one split: ``split="train"`` → ``root/train``; ``split="eval"`` → ``root/test`` (else ``val``);
+    any other name → that folder (e.g. ``"val"`` when a data set has both ``test/`` and ``val/``).
 
     Raises:
         LinvisionError: no such folder.
     """
-    names = ("train",) if split == "train" else EVAL_SPLITS
+    names = ("train",) if split == "train" else EVAL_SPLITS if split == "eval" else (split,)
     for n in names:
         if (Path(root) / n).is_dir():
             return Path(root) / n
@@ -330,6 +331,37 @@ def stratified_subset(targets: Sequence[int], n: int, seed: int = 0) -> list[int
     return sorted(interleaved[:n])
 
 
+def validation_split_dir(root: str | Path) -> Path | None:
+    """``root/val`` (or ``validation/``, ``valid/``) when the data set also has a ``test/`` split (which then stays
+    the reported evaluation split), else ``None``."""
+    if not (Path(root) / "test").is_dir():
+        return None
+    return next((Path(root) / n for n in EVAL_SPLITS[1:] if (Path(root) / n).is_dir()), None)
+
+
+def holdout_split(targets: Sequence[int], holdout: float, seed: int = 0, *, what: str = "--holdout",
+                  min_per_class: bool = False) -> tuple[list[int], list[int]]:
+    """``(kept_indices, held_out_indices)`` of a training split: a class-balanced seeded hold-out of ``holdout``
+    images (a fraction if < 1, else a count), the rest kept. With ``min_per_class`` a fraction holds out at least
+    one image per class where every class keeps one for training. Used for the super-network's search split and
+    for ``linvision train --val-split`` (model choice).
+
+    Raises:
+        LinvisionError: the hold-out would be empty or take every image (``what`` names the option).
+    """
+    n = int(round(holdout * len(targets))) if holdout < 1 else int(holdout)
+    if min_per_class and holdout < 1:
+        counts = [c for c in np.bincount(np.asarray(targets, dtype=np.int64)) if c > 0] if len(targets) else []
+        if counts and min(counts) >= 2:
+            n = max(n, len(counts))
+    if not 0 < n < len(targets):
+        raise LinvisionError(f"{what} {holdout} gives {n} of {len(targets)} training images; it must leave "
+                             "both a held-out and a training part")
+    held = stratified_subset(targets, n, seed)
+    hs = set(held)
+    return [i for i in range(len(targets)) if i not in hs], held
+
+
 def is_small_image_dataset(root: str | Path, probe: int = 20) -> bool:
     """True if the first readable images of the train split (up to ``probe``, spread over classes) are all at most
     ``SMALL_IMAGE_MAX`` pixels a side (CIFAR-like data that should not be randomly resized-cropped)."""
@@ -418,12 +450,15 @@ def build_train_loader(
     scale: tuple[float, float] | None = None,
     num_replicas: int = 1,
     rank: int = 0,
+    indices: Sequence[int] | None = None,
 ) -> DataLoader:
     """Shuffled, augmented loader over ``root/train`` yielding ``(images [B,3,H,W] float, targets [B] int64)``
     (or ``None`` for an all-unreadable batch). ``loader.sampler`` is a :class:`SeededSampler`; call its
     ``set_epoch(e)`` each epoch. ``subset`` keeps a class-balanced seeded subset of that many images. The last
     incomplete batch is dropped when at least one full batch exists. With ``num_replicas`` > 1 (distributed
-    training) this rank loads its share of every epoch, ``batch_size`` images per batch.
+    training) this rank loads its share of every epoch, ``batch_size`` images per batch (the share is padded, so
+    every rank takes the same number of steps). ``indices``: train on these images of the split only (e.g. the
+    split minus a held-out part; ``subset`` is then drawn from them).
 
     ``data_config`` keys: ``input_size`` (C,H,W), ``mean``, ``std``, ``interpolation``, ``small_images``.
     """
@@ -432,7 +467,9 @@ def build_train_loader(
                           interpolation=data_config.get("interpolation", "bicubic"),
                           auto_augment=auto_augment, re_prob=re_prob, scale=scale)
     ds = ImageFolder(split_dir(root, "train"), tf, classes)
-    idx = stratified_subset(ds.targets, subset, seed) if subset else range(len(ds))
+    idx = list(range(len(ds)) if indices is None else indices)
+    if subset:
+        idx = [idx[i] for i in stratified_subset([ds.targets[i] for i in idx], subset, seed)]
     sampler = SeededSampler(idx, seed, num_replicas=num_replicas, rank=rank)
     return _loader(ds, batch_size, sampler, num_workers, drop_last=sampler.num_samples >= batch_size, seed=seed)
 
@@ -447,16 +484,21 @@ def build_eval_loader(
     split: str = "eval",
     num_replicas: int = 1,
     rank: int = 0,
+    indices: Sequence[int] | None = None,
 ) -> DataLoader:
     """Ordered, non-augmented loader over the eval split (``test/`` or ``val/``) — or ``split="train"`` — using the
     eval transform of :func:`build_transforms` (``data_config`` also needs ``crop_pct``). With ``num_replicas`` > 1
     rank ``r`` loads images ``r, r + num_replicas, ...`` (no padding: every image is evaluated exactly once over
-    all ranks; reduce the sums, as :func:`linvision.engine.evaluate` does with ``distributed=True``)."""
+    all ranks; reduce the sums, as :func:`linvision.engine.evaluate` does with ``dist_info``). ``indices``: only
+    these images of the split (e.g. a held-out part of ``train``)."""
     tf = build_transforms(data_config["input_size"][-1], False, data_config["mean"], data_config["std"],
                           small_images=data_config.get("small_images", False), crop_pct=data_config.get("crop_pct"),
                           interpolation=data_config.get("interpolation", "bicubic"))
     ds = ImageFolder(split_dir(root, split), tf, classes)
-    sampler = range(rank, len(ds), num_replicas) if num_replicas > 1 else None
+    if indices is None:
+        sampler = range(rank, len(ds), num_replicas) if num_replicas > 1 else None
+    else:
+        sampler = list(indices)[rank::num_replicas]
     return _loader(ds, batch_size, sampler, num_workers, drop_last=False)
 
 

@@ -6,8 +6,8 @@ process group with the ``nccl`` backend on CUDA (one GPU per process, ``cuda:LOC
 plain process (no ``WORLD_SIZE`` or ``WORLD_SIZE=1``) gets a :class:`DistInfo` of rank 0 of 1 and no process group,
 so every helper here is a no-op and single-process code paths stay exactly as they were.
 
-The training loop built on these helpers (:func:`linvision.engine.train`; also usable by other loops, e.g. a
-super-network's) wraps the model in ``torch.nn.parallel.DistributedDataParallel``, shards the data with a
+The training loop built on these helpers (:func:`linvision.engine.loop.fit`, used by classification and the
+super-network alike) wraps the model in ``torch.nn.parallel.DistributedDataParallel``, shards the data with a
 distributed sampler, all-reduces its metrics and lets only rank 0 write files and logs.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch.distributed as dist
 from .errors import LinvisionError
 
 __all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "all_reduce_sum", "all_gather_object",
-           "barrier", "resolve_device"]
+           "broadcast_object", "barrier", "resolve_device"]
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,15 @@ def all_gather_object(obj: Any, info: DistInfo) -> list[Any]:
     out: list[Any] = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_object(obj: Any, info: DistInfo, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (``obj`` itself with one process). A collective."""
+    if not info.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src)
+    return box[0]
 
 
 def barrier(info: DistInfo) -> None:

@@ -7,6 +7,7 @@ Pipeline: ``linvision supernet train`` → ``linvision search --supernet DIR --m
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from .search import SEARCH_DEFAULTS
@@ -61,7 +62,8 @@ def add_nas_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     t.add_argument("--img-size", type=int, help="input resolution, a multiple of 56 [the space's]")
     t.add_argument("--epochs", type=int, help=f"[{d['epochs']}]")
     t.add_argument("--batch-size", type=int, help=f"[{d['batch_size']}]")
-    t.add_argument("--archs-per-step", type=int, help="sub-networks trained per step, each on its batch slice "
+    t.add_argument("--archs-per-step", type=int, help="sub-networks trained per step and process, each on its "
+                                                      "share of the batch "
                                                       f"[{d['archs_per_step']}]")
     t.add_argument("--choice-warmup-epochs", type=float, help="progressive warm-up of the choice sets, with "
                                                               f"rewiring [{d['choice_warmup_epochs']}]")
@@ -81,6 +83,10 @@ def add_nas_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     t.add_argument("--auto-augment", metavar="POLICY", help=f"timm auto-augment policy [{_fmt(d['auto_augment'])}]")
     t.add_argument("--seed", type=int, help=f"[{d['seed']}]")
     t.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps of this invocation")
+    t.add_argument("--save-every-steps", type=int, metavar="N", help="also write the resumable train_state.pt "
+                                                                    "after every N-th step [0: epoch ends only]")
+    t.add_argument("--log-interval", type=int, metavar="N", help="when stderr is not a terminal, also log progress "
+                                                                "every N steps [0: one line per epoch]")
     t.set_defaults(func=_cmd_supernet_train)
 
     s = SEARCH_DEFAULTS
@@ -118,8 +124,7 @@ def _cmd_supernet_train(ns: argparse.Namespace) -> int:
     from .train import supernet_args, train_supernet
     given = {k: v for k, v in vars(ns).items() if k not in ("func", "command", "supernet_command", "debug")}
     r = train_supernet(supernet_args(given))
-    from . import dist
-    if not dist.is_main():
+    if int(os.environ.get("RANK", "0")) != 0:
         return 0
     print(f"done: epoch {r['epoch']}, step {r['step']}, held-out top-1 largest "
           f"{r.get('holdout_top1_largest', float('nan')):.2f}% smallest "
@@ -146,8 +151,7 @@ def _cmd_search(ns: argparse.Namespace) -> int:
     if merged["output"] is None:
         merged["output"] = str(Path("runs") / f"search-{time.strftime('%Y%m%d-%H%M%S')}")
     r = run_search(argparse.Namespace(**merged))
-    from . import dist
-    if not dist.is_main():
+    if int(os.environ.get("RANK", "0")) != 0:
         return 0
     lat = f", {r['latency_ms']:.3f} ms" if r.get("latency_ms") is not None else ""
     print(f"done: best held-out top-1 {r['top1']:.2f}% at {r['macs'] / 1e6:.2f} MMACs{lat} (iteration "

@@ -37,7 +37,7 @@ from ..checkpoint import atomic_write, check_locked_args
 from ..plots import atomic_write_png, new_figure
 from ..errors import LinvisionError
 from ..models.resnas import ConvStem, ResNAS, ResNASBlock, ResidualSpatialReduction
-from . import dist
+from ..distributed import all_gather_object, barrier, broadcast_object, init_distributed
 from .macs import analytic_macs
 from .space import SearchSpace
 
@@ -148,7 +148,8 @@ class LatencyModel:
                 x = torch.randn(b, (g // 2 ** (len(sp.dims) - 1)) ** 2 + 1, c, device=dev)
                 return lambda: lin(norm(x)[:, 0])
             jobs.append((f"head/{c}", head))
-        for key, make in tqdm(jobs, desc="latency table", file=sys.stderr, leave=False, disable=not progress):
+        for key, make in tqdm(jobs, desc="latency table", file=sys.stderr, leave=False,
+                             disable=not (progress and sys.stderr.isatty())):
             if key not in self.table:
                 self.table[key] = self._time(make())
         return self.table
@@ -395,20 +396,49 @@ SETTINGS_FILE, HISTORY_FILE, BEST_FILE, PLOT_FILE = "search.json", "history.csv"
 def _holdout_batches(net, config: Dict[str, Any], data: Optional[str], batch_size: int, limit: Optional[int],
                      workers: Optional[int], seed: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """The super-network's held-out images (eval transform), decoded once and kept in memory as batches."""
-    from torch.utils.data import Subset
-
-    from ..data import resolve_data_root, stratified_subset
-    from .train import _loader, eval_transform_dataset, holdout_split
+    from ..data import ImageFolder, build_eval_loader, holdout_split, resolve_data_root, split_dir, stratified_subset
     root = resolve_data_root(data if data is not None else config["data"])
-    ds = eval_transform_dataset(root, config["data_config"], config["class_names"])
+    targets = ImageFolder(split_dir(root, "train"), None, config["class_names"]).targets
     ho = config["holdout"]
-    _, held = holdout_split(ds.targets, ho["holdout"], ho["seed"])
+    _, held = holdout_split(targets, ho["holdout"], ho["seed"])
     if len(held) != ho["n"]:
         raise LinvisionError(f"the training split of {root} gives {len(held)} held-out images, the super-network "
                              f"held out {ho['n']}: not the data it was trained on")
     if limit and limit < len(held):
-        held = [held[i] for i in stratified_subset([ds.targets[i] for i in held], limit, seed)]
-    return [b for b in _loader(Subset(ds, held), batch_size, None, workers) if b is not None]
+        held = [held[i] for i in stratified_subset([targets[i] for i in held], limit, seed)]
+    loader = build_eval_loader(root, config["data_config"], batch_size, classes=config["class_names"],
+                               num_workers=workers, split="train", indices=held)
+    return [b for b in loader if b is not None]
+
+
+def _constraint(args, net, di) -> Tuple[float, str, Callable, Optional["LatencyModel"]]:
+    """``(budget, kind, cost function, latency model or None)`` of ``--macs`` / ``--latency-ms`` (rank 0
+    calibrates a latency table and writes ``--latency-table``)."""
+    space, device = net.space, di.device
+    if args.macs is not None:
+        try:
+            budget = parse_macs(args.macs)
+        except ValueError as e:
+            raise LinvisionError(str(e)) from None
+        kind = "macs"
+        cost = lambda a: analytic_macs(a, net.img_size, net.num_classes, stem_chans=space.stem_chans,  # noqa: E731
+                                       normalized=True)
+        latency = None
+    else:
+        budget, kind = float(args.latency_ms), "latency"
+        table = None
+        if args.latency_table and Path(args.latency_table).is_file():
+            table = json.loads(Path(args.latency_table).read_text()).get("table")
+        latency = LatencyModel(space, net.img_size, net.num_classes, args.latency_batch, device, args.latency_mode,
+                               table=table)
+        if args.latency_mode == "table" and di.is_main:
+            latency.calibrate()
+            if args.latency_table:
+                atomic_write(Path(args.latency_table), json.dumps(
+                    {"device": str(device), "batch": args.latency_batch, "img_size": net.img_size,
+                     "space": space.name, "table": latency.table}, indent=1).encode())
+        cost = latency
+    return budget, kind, cost, latency
 
 
 def run_search(args) -> Dict[str, Any]:
@@ -423,10 +453,10 @@ def run_search(args) -> Dict[str, Any]:
         LinvisionError: bad arguments, missing super-network, an infeasible constraint, or a resume with
         different locked settings.
     """
-    from ..engine import setup_threads
-    from .train import accuracy, load_supernet
-    dist.init()
-    device = dist.device()
+    from ..engine import evaluate as evaluate_classifier, progress_enabled, setup_threads
+    from .train import load_supernet
+    di = init_distributed(None)
+    device = di.device
     setup_threads(args.threads)
     out = Path(args.output or args.resume)
     settings = {k: getattr(args, k) for k in SEARCH_DEFAULTS if k not in ("output", "resume", "threads", "workers")}
@@ -451,32 +481,10 @@ def run_search(args) -> Dict[str, Any]:
     net, config = load_supernet(args.supernet, device)
     space = net.space
 
-    if args.macs is not None:
-        try:
-            budget = parse_macs(args.macs)
-        except ValueError as e:
-            raise LinvisionError(str(e)) from None
-        kind = "macs"
-        cost = lambda a: analytic_macs(a, net.img_size, net.num_classes, stem_chans=space.stem_chans,  # noqa: E731
-                                       normalized=True)
-        latency = None
-    else:
-        budget, kind = float(args.latency_ms), "latency"
-        table = None
-        if args.latency_table and Path(args.latency_table).is_file():
-            table = json.loads(Path(args.latency_table).read_text()).get("table")
-        latency = LatencyModel(space, net.img_size, net.num_classes, args.latency_batch, device, args.latency_mode,
-                               table=table)
-        if args.latency_mode == "table" and dist.is_main():
-            latency.calibrate()
-            if args.latency_table:
-                atomic_write(Path(args.latency_table), json.dumps(
-                    {"device": str(device), "batch": args.latency_batch, "img_size": net.img_size,
-                     "space": space.name, "table": latency.table}, indent=1).encode())
-        cost = latency
+    budget, kind, cost, latency = _constraint(args, net, di)
     evo = EvolutionarySearch(space, cost, budget, args.lower, args.population, args.top_k, args.mutate_prob,
                              args.mutations, args.crossovers, args.seed)
-    if dist.is_main():
+    if di.is_main:
         try:
             evo.check_feasible()
         except ValueError as e:
@@ -484,15 +492,15 @@ def run_search(args) -> Dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / SETTINGS_FILE, (json.dumps(settings, indent=2) + "\n").encode())
     batches = _holdout_batches(net, config, args.data, args.batch_size, args.holdout_limit, args.workers, args.seed)
-    history = dist.broadcast_object(read_history(out / HISTORY_FILE) if dist.is_main() else None)
+    history = broadcast_object(read_history(out / HISTORY_FILE) if di.is_main else None, di)
     n_held = sum(len(b[1]) for b in batches)
-    if dist.is_main():
+    if di.is_main:
         _log.info("search in space %s (%s sub-networks) under %s in [%.4g, %.4g]; fitness on %d held-out images; "
                   "%d rows in the history", space.name, f"{space.size():.3g}", kind, evo.lo, budget, n_held,
                   len(history))
 
     def evaluate(c: Candidate) -> Dict[str, Any]:
-        m = accuracy(net.extract_subnet(c.arch), batches, device)
+        m = evaluate_classifier(net.extract_subnet(c.arch), batches, progress=False, device=device)
         return {"macs": analytic_macs(c.arch, net.img_size, net.num_classes, stem_chans=space.stem_chans),
                 "top1": m["top1"], "loss": m["loss"]}
 
@@ -500,31 +508,32 @@ def run_search(args) -> Dict[str, Any]:
     for it in range(args.iterations):
         before = [h for h in history if h["iteration"] < it]
         done = {space.encode(h["arch"]) for h in history if h["iteration"] == it}
-        cands = dist.broadcast_object(evo.propose(it, before) if dist.is_main() else None)
+        cands = broadcast_object(evo.propose(it, before) if di.is_main else None, di)
         if not cands:
             _log.warning("iteration %d: no new sub-network could be generated; stopping", it)
             break
         todo = [(i, c) for i, c in enumerate(cands) if c.key not in done]
         bar = tqdm(total=len(cands), initial=len(cands) - len(todo), desc=f"search iteration {it + 1}/"
-                   f"{args.iterations}", file=sys.stderr, dynamic_ncols=True, leave=False, disable=not dist.is_main())
-        chunk = dist.world()
+                   f"{args.iterations}", file=sys.stderr, dynamic_ncols=True, leave=False,
+                   disable=not progress_enabled(di))
+        chunk = di.world_size
         for start in range(0, len(todo), chunk):
             part = todo[start:start + chunk]
-            mine = part[dist.rank()] if dist.rank() < len(part) else None
+            mine = part[di.rank] if di.rank < len(part) else None
             res = evaluate(mine[1]) if mine is not None else None
             rows = []
-            for r, (i, c) in zip(dist.all_gather_objects(res), part):
+            for r, (i, c) in zip(all_gather_object(res, di), part):
                 rows.append({"iteration": it, "index": i, "origin": c.origin, "macs": r["macs"],
-                             "latency_ms": latency(c.arch) if latency is not None and dist.is_main() else None,
+                             "latency_ms": latency(c.arch) if latency is not None and di.is_main else None,
                              "top1": r["top1"], "loss": r["loss"], "arch": c.arch})
-            if dist.is_main():
+            if di.is_main:
                 _append_rows(out / HISTORY_FILE, rows)
             history += rows
             bar.update(len(part))
             best = max(history, key=lambda h: h["top1"])
             bar.set_postfix(best=f"{best['top1']:.2f}%")
         bar.close()
-        if dist.is_main():
+        if di.is_main:
             plot = it == args.iterations - 1 or time.perf_counter() - last_plot > 60  # the PNG costs ~1 s
             _write_outputs(out, history, kind, (evo.lo, budget), config, net, args, plot)
             last_plot = time.perf_counter() if plot else last_plot
@@ -533,7 +542,7 @@ def run_search(args) -> Dict[str, Any]:
                        f"{best['top1']:.2f}% at {best['macs'] / 1e6:.2f} MMACs"
                        + (f", {best['latency_ms']:.3f} ms" if best.get("latency_ms") is not None else ""),
                        file=sys.stderr)
-    if args.random_archs and dist.is_main():
+    if args.random_archs and di.is_main:
         rng = random.Random(args.seed * 1_000_003 + 999_983)
         seen, rand = set(), []
         for _ in range(args.random_archs * 100):
@@ -547,7 +556,7 @@ def run_search(args) -> Dict[str, Any]:
                 rand.append({"arch": {**a, "stem_chans": space.stem_chans}, "macs": r["macs"],
                              "holdout_top1": r["top1"], "latency_ms": latency(a) if latency is not None else None})
         atomic_write(out / "random_archs.json", ("[\n" + ",\n".join(json.dumps(r) for r in rand) + "\n]\n").encode())
-    dist.barrier()
+    barrier(di)
     best = _best(history)
     return {**best, "output": str(out)}
 
