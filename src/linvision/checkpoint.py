@@ -28,7 +28,7 @@ from .errors import LinvisionError  # noqa: E402
 
 __all__ = ["MODEL_FILE", "CONFIG_FILE", "STATE_FILE", "atomic_write", "save_model", "load_model", "load_config",
            "load_state_dict", "check_state_dict", "save_train_state", "load_train_state", "get_rng_states",
-           "set_rng_states", "remove_stale_temp_files"]
+           "set_rng_states", "remove_stale_temp_files", "timm_config_fields"]
 
 MODEL_FILE, CONFIG_FILE, STATE_FILE = "model.safetensors", "config.json", "train_state.pt"
 _UMASK = os.umask(0o22)
