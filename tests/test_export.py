@@ -47,7 +47,7 @@ def test_bi_wkv_cumsum_matches_reference(T, wT):
     u = torch.tensor([-20., -1., 0., 1., 5., 20.]) / T
     k = torch.randn(2, T, C, generator=g) * 20
     v = torch.randn(2, T, C, generator=g)
-    ref = bi_wkv_ref(w, u, k, v).double()
+    ref = bi_wkv_ref(w, u, k, v.double())  # float64 out
     for dtype in (torch.float32, torch.float64):
         out = bi_wkv_cumsum(w, u, k.to(dtype), v.to(dtype)).double()
         tol = 1e-10 if dtype == torch.float64 else 1e-6
@@ -135,7 +135,7 @@ def test_run_folder_loads_through_timm_local_dir_and_linvision_load(tmp_path):
         assert torch.equal(t(x), ref) and torch.equal(lv(x), ref)
     assert t.pretrained_cfg["label_names"][3] == "c3" and tuple(t.pretrained_cfg["std"]) == (0.25, 0.25, 0.25)
     data_cfg = timm.data.resolve_data_config({}, model=t)
-    assert data_cfg["interpolation"] == "bilinear" and data_cfg["input_size"] == (3, 64, 64)
+    assert data_cfg["interpolation"] == "bilinear" and tuple(data_cfg["input_size"]) == (3, 64, 64)
 
 
 def test_cli_export_bad_input(tmp_path, capsys):
