@@ -340,8 +340,8 @@ def export_checkpoint(checkpoint: str | Path, fmt: str = "onnx", output: Optiona
     at another size and batch (ONNX: onnxruntime CPU; pt2: the program's module).
 
     Returns:
-        ``{"output", "format", "model", "img_size", "dynamic", "parity": [{"batch", "size", "max_abs", "max_ref"}, ...]}``
-        (``max_ref``: the largest PyTorch logit, for scale).
+        ``{"output", "format", "model", "img_size", "dynamic", "parity": [row, ...]}``, each row
+        ``{"batch", "size", "max_abs", "max_ref"}`` (``max_ref``: the largest PyTorch logit, for scale).
 
     Raises:
         LinvisionError: bad format/size, a model or op that cannot be exported, or a parity failure.
