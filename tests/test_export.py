@@ -74,6 +74,7 @@ def test_retention_chunkwise_matmul_matches_reference(T):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_export_mode_same_logits_and_restored(family):
     m = _model(family)
+    m.set_grad_checkpointing(True)  # switched off inside export mode, back on after
     x = torch.randn(2, 3, 2 * FAMILIES[family][2], FAMILIES[family][2])
     before = {n: dict(vars(mod)) for n, mod in m.named_modules()}
     with torch.no_grad():
@@ -83,8 +84,9 @@ def test_export_mode_same_logits_and_restored(family):
     assert (out - ref).abs().max() < 1e-4 * max(1.0, ref.abs().max().item())
     after = {n: dict(vars(mod)) for n, mod in m.named_modules()}
     for n in before:  # every substituted attribute (wkv_fn, retention forms, ViR mode) is back
-        for key in ("wkv_fn", "forms", "mode"):
+        for key in ("wkv_fn", "forms", "mode", "grad_checkpointing"):
             assert before[n].get(key) is after[n].get(key) or before[n].get(key) == after[n].get(key)
+    assert m.grad_checkpointing
     if family == "vrwkv":
         with export_mode(m):
             assert m.blocks[0].spatial_mix.wkv_fn is bi_wkv_cumsum
@@ -156,7 +158,7 @@ def test_onnx_parity_static_and_dynamic(family, tmp_path):
     static = export_onnx(export_program(m, (s, s)), tmp_path / "static.onnx")
     dyn = export_onnx(export_program(m, (s, s), dynamic=True), tmp_path / "dynamic.onnx")
     step = 56 if family == "resnas" else 16
-    rows = onnx_parity(m, static, [(1, s, s)]) + onnx_parity(m, dyn, [(2, s, s), (3, s + 2 * step, s + step)])
+    rows = onnx_parity(m, static, [(1, s, s)]) + onnx_parity(m, dyn, [(1, s, s), (3, s + 2 * step, s + step)])
     print(family, rows)
     for r in rows:
         assert r["max_abs"] <= PARITY_TOL and r["max_ref"] > 0.1
@@ -177,4 +179,4 @@ def test_cli_export_onnx_and_pt2(tmp_path, capsys):
     x = torch.randn(1, 3, 48, 32)
     with torch.no_grad():
         assert (ep.module()(x) - m(x)).abs().max() <= PARITY_TOL
-    assert not list(tmp_path.glob(".*tmp"))  # no temporary files left
+    assert not list(tmp_path.glob(".*"))  # no temporary files or folders left

@@ -27,6 +27,7 @@ import contextlib
 import functools
 import math
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -174,7 +175,7 @@ def export_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, ``model`` (in eval mode) runs its export forms: every module attribute (or value of a
     dict attribute, e.g. retention's ``forms``) that :data:`EXPORT_FORMS` knows is replaced, and ViR models run
     block after block (``mode='parallel'``) with 1D retention's parallel form replaced by the chunkwise form.
-    Everything is restored on exit (also on error).
+    Activation checkpointing is switched off. Everything is restored on exit (also on error).
 
     Raises:
         LinvisionError: a configuration without an export form (e.g. Bi-WKV ``official_kernel``).
@@ -202,6 +203,9 @@ def export_mode(model: nn.Module) -> Iterator[nn.Module]:
             if isinstance(m, VisionRetention):
                 undo.append(functools.partial(setattr, m, "mode", m.mode))
                 m.mode = "parallel"
+            if getattr(m, "grad_checkpointing", False):  # no activation checkpointing in an inference graph
+                undo.append(functools.partial(setattr, m, "grad_checkpointing", True))
+                m.grad_checkpointing = False
         yield model
     finally:
         for u in reversed(undo):
@@ -308,7 +312,7 @@ def _check_sizes(model: nn.Module, img_size: Tuple[int, int], dynamic: bool) -> 
     if not dynamic:
         return [(1, H, W)]
     m = size_multiple(model)
-    return [(2, H, W), (3, H + 2 * m, W + m)]
+    return [(1, H, W), (3, H + 2 * m, W + m)]
 
 
 def onnx_parity(model: nn.Module, onnx_path: str | Path, sizes: Sequence[Tuple[int, int, int]]) -> List[Dict]:
@@ -360,7 +364,7 @@ def export_checkpoint(checkpoint: str | Path, fmt: str = "onnx", output: Optiona
     out = Path(output) if output else run_dir / f"model.{fmt}"
     ep = export_program(model, img_size, dynamic)
     sizes = _check_sizes(model, img_size, dynamic) if check else []
-    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmpdir:
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent if out.parent.exists() else None) as tmpdir:
         tmp = Path(tmpdir) / out.name
         if fmt == "onnx":
             export_onnx(ep, tmp)
@@ -374,7 +378,7 @@ def export_checkpoint(checkpoint: str | Path, fmt: str = "onnx", output: Optiona
             raise LinvisionError(f"exported {config['model']} differs from PyTorch by {bad[0]['max_abs']:.3g} "
                                  f"(> {PARITY_TOL}) at batch {bad[0]['batch']}, {bad[0]['size'][0]}x"
                                  f"{bad[0]['size'][1]}; nothing written to {out}")
-        _atomic_save(out, lambda dst: Path(dst).write_bytes(tmp.read_bytes()))
+        _atomic_save(out, lambda dst: shutil.copyfile(tmp, dst))
     return {"output": str(out), "format": fmt, "model": config["model"], "img_size": list(img_size),
             "dynamic": dynamic, "parity": parity}
 
