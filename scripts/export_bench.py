@@ -2,8 +2,8 @@
 1024² (random weights). Wall-clock numbers: run on a quiet machine, not under the test suite.
 
     PYTHONPATH=src python scripts/export_bench.py                       # timing rows (markdown) + JSON lines
-    PYTHONPATH=src python scripts/export_bench.py --parity              # also: one --dynamic export at 224²,
-                                                                        #   checked by onnxruntime at 224² and 1024²
+    PYTHONPATH=src python scripts/export_bench.py --parity              # instead: one --dynamic export at 224²
+                                                                        #   checked by onnxruntime at 224², 1024²
     PYTHONPATH=src python scripts/export_bench.py --models vir_tiny --sizes 224 --threads 2
 
 The timing is :func:`linvision.export.onnx_vs_eager_timing` (meant to be wired into ``linvision bench``).
@@ -36,16 +36,18 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", type=int, default=[224, 1024])
     ap.add_argument("--threads", type=int, default=None, help="torch and onnxruntime intra-op threads")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--parity", action="store_true")
+    ap.add_argument("--parity", action="store_true", help="parity of a dynamic export instead of timing")
     a = ap.parse_args()
+    if a.parity:
+        for name in a.models:
+            print(json.dumps({"model": name, "parity": parity(name)}), flush=True)
+        return
     print("| model | size | backend | ms/img | img/s |\n|---|---|---|---|---|")
     for name in a.models:
         for s in a.sizes:
             for r in onnx_vs_eager_timing(name, s, repeats=a.repeats, threads=a.threads):
                 print(f"| {r['model']} | {s}² | {r['backend']} | {r['ms']:.1f} | {r['img_per_s']:.2f} |", flush=True)
                 print(json.dumps(r), flush=True)
-        if a.parity:
-            print(json.dumps({"model": name, "parity": parity(name)}), flush=True)
 
 
 if __name__ == "__main__":

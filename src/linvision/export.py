@@ -251,7 +251,7 @@ def export_program(model: nn.Module, img_size: Sequence[int], dynamic: bool = Fa
 
     Args:
         model: a linvision classifier.
-        img_size: ``(H, W)`` of the example input.
+        img_size: ``(H, W)`` of the example input (dynamic: at least 2 patches a side are traced).
         dynamic: batch and image sides symbolic (sides: multiples of :func:`size_multiple`).
         batch: example batch (default 2 if dynamic — a size-1 example would be specialized — else 1).
 
@@ -264,7 +264,8 @@ def export_program(model: nn.Module, img_size: Sequence[int], dynamic: bool = Fa
     if dynamic and (H % m or W % m):
         raise LinvisionError(f"--dynamic export of {name} needs --img-size sides that are multiples of {m}, "
                              f"got {H}x{W}")
-    x = _example(model, (H, W), batch or (2 if dynamic else 1))
+    # dynamic: trace at >= 2 patches a side (a side of 1 would be specialized); the graph serves every size
+    x = _example(model, (max(H, 2 * m), max(W, 2 * m)) if dynamic else (H, W), batch or (2 if dynamic else 1))
     shapes = None
     if dynamic:
         Dim = torch.export.Dim
