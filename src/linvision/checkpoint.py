@@ -107,12 +107,14 @@ def save_model(directory: str | Path, model: torch.nn.Module, config: dict[str, 
     stores ``class_names`` and ``data_config`` (``mean``, ``std``, ``input_size``, ``crop_pct``,
     ``interpolation``). The weights are written first, so a config always describes weights at least as new.
 
-    The config also gets the fields of timm's pretrained-config format (:func:`timm_config_fields`), so the
-    folder loads with ``timm.create_model("local-dir:DIR", pretrained=True)`` as well.
+    For a timm-registered model the config also gets the fields of timm's pretrained-config format
+    (:func:`timm_config_fields`; keys already in ``config`` win), so the folder loads with
+    ``timm.create_model("local-dir:DIR", pretrained=True)`` as well.
     """
     directory = Path(directory)
     atomic_write(directory / MODEL_FILE, save(_tensors_for_save(model.state_dict()), metadata={"format": "pt"}))
-    config = {**config, **timm_config_fields(model, config)}
+    if timm.is_model(str(config.get("model", ""))):  # a timm-registered model (not e.g. the NAS super-network)
+        config = {**timm_config_fields(model, config), **config}
     atomic_write(directory / CONFIG_FILE, (json.dumps(config, indent=2, sort_keys=False) + "\n").encode())
 
 
