@@ -460,6 +460,8 @@ def add_parser(sub: Any, common: Any) -> None:
 def _cmd_export(ns: Any) -> int:
     import json
 
+    from .engine import setup_threads
+    setup_threads(getattr(ns, "threads", None))
     r = export_checkpoint(ns.checkpoint, ns.format, ns.output, ns.img_size, ns.dynamic)
     if ns.json:
         print(json.dumps(r))
