@@ -22,7 +22,7 @@ def test_readme_has_examples():
 def test_readme_python_block(i, tmp_path, monkeypatch):
     block = BLOCKS[i]
     scope = {"__name__": "__readme__", "timm": timm, "torch": torch}
-    if "pretrained=True" in block:
+    if "pretrained_cfg_overlay" in block:
         # the weights-loading example names an official checkpoint: write one (official mmcls keys, .pth) first
         from test_models import _to_official_vrwkv
         name = re.search(r'file="([^"]+)"', block).group(1)

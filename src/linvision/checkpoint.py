@@ -28,7 +28,7 @@ from .errors import LinvisionError  # noqa: E402
 
 __all__ = ["MODEL_FILE", "CONFIG_FILE", "STATE_FILE", "atomic_write", "save_model", "load_model", "load_config",
            "load_state_dict", "check_state_dict", "save_train_state", "load_train_state", "get_rng_states",
-           "set_rng_states", "remove_stale_temp_files"]
+           "set_rng_states", "remove_stale_temp_files", "timm_config_fields"]
 
 MODEL_FILE, CONFIG_FILE, STATE_FILE = "model.safetensors", "config.json", "train_state.pt"
 _UMASK = os.umask(0o22)
@@ -89,10 +89,42 @@ def save_model(directory: str | Path, model: torch.nn.Module, config: dict[str, 
     arguments for ``timm.create_model``, e.g. ``num_classes``, ``img_size``, ``patch_size``); the trainer also
     stores ``class_names`` and ``data_config`` (``mean``, ``std``, ``input_size``, ``crop_pct``,
     ``interpolation``). The weights are written first, so a config always describes weights at least as new.
+
+    For a timm-registered model the config also gets the fields of timm's pretrained-config format
+    (:func:`timm_config_fields`; keys already in ``config`` win), so the folder loads with
+    ``timm.create_model("local-dir:DIR", pretrained=True)`` as well.
     """
     directory = Path(directory)
     atomic_write(directory / MODEL_FILE, save(_tensors_for_save(model.state_dict()), metadata={"format": "pt"}))
+    if timm.is_model(str(config.get("model", ""))):  # a timm-registered model (not e.g. the NAS super-network)
+        config = {**timm_config_fields(model, config), **config}
     atomic_write(directory / CONFIG_FILE, (json.dumps(config, indent=2, sort_keys=False) + "\n").encode())
+
+
+def timm_config_fields(model: torch.nn.Module, config: dict[str, Any]) -> dict[str, Any]:
+    """The ``config.json`` fields timm's ``local-dir:`` / ``hf-hub:`` loader reads (``architecture``,
+    ``num_classes``, ``num_features``, ``label_names``, ``pretrained_cfg``; ``model_args`` is shared with
+    linvision's own): the model's timm pretrained cfg with the run's ``data_config`` (mean, std, input size,
+    crop, interpolation) and classes. linvision's own keys (``model``, ``model_args``, ...) are left alone."""
+    from dataclasses import fields
+    from timm.models import PretrainedCfg
+
+    skip = {"url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "architecture", "tag"}
+    known = {f.name for f in fields(PretrainedCfg)} - skip
+    json_types = (str, int, float, bool, list, tuple, type(None))
+    pcfg = {k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in (getattr(model, "pretrained_cfg", None) or {}).items()
+            if k in known and isinstance(v, json_types)}
+    dc = config.get("data_config") or {}
+    pcfg.update({k: list(dc[k]) if isinstance(dc[k], tuple) else dc[k]
+                 for k in ("input_size", "mean", "std", "crop_pct", "interpolation") if k in dc})
+    num_classes = int(getattr(model, "num_classes", pcfg.get("num_classes", 0)))
+    pcfg["num_classes"] = num_classes
+    out = {"architecture": config["model"], "num_classes": num_classes,
+           "num_features": int(getattr(model, "num_features", 0)), "pretrained_cfg": pcfg}
+    if config.get("class_names"):
+        out["label_names"] = list(config["class_names"])
+    return out
 
 
 def _checkpoint_dir(path: str | Path) -> Path:

@@ -202,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_nas_commands(sub, common, fmt)
     from .bench import add_parser as add_bench_parser  # `linvision bench`: see linvision/bench/
     add_bench_parser(sub)
+    from .export import add_parser as add_export_parser  # `linvision export`: see linvision/export.py
+    add_export_parser(sub, common)
     return parser
 
 

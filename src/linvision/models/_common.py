@@ -26,8 +26,10 @@ def cfg(url: str = "", **kwargs: Any) -> Dict[str, Any]:
 
 def resize_pos_embed_2d(pos_embed: torch.Tensor, old_grid: Tuple[int, int], new_grid: Tuple[int, int]) -> torch.Tensor:
     """Resize a patch pos-embed ``[1, H*W, C]`` from ``old_grid`` to ``new_grid`` (bicubic, align_corners=False,
-    no antialias — as mmcls ``resize_pos_embed`` and the official codes do). Returned unchanged when equal."""
-    if tuple(old_grid) == tuple(new_grid):
+    no antialias — as mmcls ``resize_pos_embed`` and the official codes do). Returned unchanged when equal, except
+    under ``torch.export`` (the comparison would pin the exported graph to the example size; resampling to the same
+    grid is the identity)."""
+    if not torch.compiler.is_exporting() and tuple(old_grid) == tuple(new_grid):
         return pos_embed
     return resample_abs_pos_embed(pos_embed, list(new_grid), list(old_grid), num_prefix_tokens=0,
                                   interpolation="bicubic", antialias=False)
