@@ -23,12 +23,13 @@ Three forms share one signature ``(w, u, k, v) -> [B, T, C]``:
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["bi_wkv_ref", "bi_wkv", "bi_wkv_official_kernel_ref", "BI_WKV_VARIANTS"]
+__all__ = ["bi_wkv_ref", "bi_wkv", "bi_wkv_official_kernel_ref", "BI_WKV_VARIANTS", "cpu_kernel"]
 
 BI_WKV_VARIANTS = ("eq5", "official_kernel")
 
@@ -92,10 +93,11 @@ def _auto_chunk(B: int, T: int, C: int) -> int:
 
 
 def _chunking(T: int, target: int) -> Tuple[int, int]:
-    """``(L, nc)``: chunk length and chunk count, ``L * nc >= T``: one chunk up to ``2 * target`` tokens, else a
+    """``(L, nc)``: chunk length and chunk count, ``L * nc >= T``: one chunk up to ``2 * target`` tokens (or for
+    ``target <= 0``), else a
     divisor of T near ``target`` when there is one (no padding), else ``L = target`` and the last chunk padded."""
-    target = max(int(target), 1)
-    if T <= 2 * target:  # one chunk: no carries needed
+    target = int(target)
+    if target <= 0 or T <= 2 * target:  # one chunk: no carries needed (0: always; the compiled CPU kernel's choice)
         return max(T, 1), 1
     for d in list(range(target, (target + 1) // 2 - 1, -1)) + list(range(target + 1, 2 * target + 1)):
         if T % d == 0:
@@ -304,6 +306,54 @@ def _(gy, w, u, y, X, DD, carries):
     return (X.new_empty(C), X.new_empty(C), X.new_empty(B, T, C), X.new_empty(B, T, C))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# CPU: the compiled (numba) kernels of ops/biwkv_cpu.py when numba imports, else the torch-ops path above. Both
+# produce and accept the same saved tensors, so they are interchangeable between forward and backward.
+# ----------------------------------------------------------------------------------------------------------------
+
+CPU_KERNEL_ENV = "LINVISION_BIWKV_CPU"
+CPU_KERNELS = ("auto", "numba", "torch")
+
+
+def cpu_kernel() -> str:
+    """The CPU implementation the op uses now: ``"numba"`` or ``"torch"``, from the environment variable
+    ``LINVISION_BIWKV_CPU`` (``auto`` (default): numba when it imports, else torch ops; ``numba``: require it;
+    ``torch``: the torch-ops path). Read at every call.
+
+    Raises:
+        ValueError: an unknown value, or ``numba`` requested but numba does not import.
+    """
+    from . import biwkv_cpu
+
+    choice = os.environ.get(CPU_KERNEL_ENV, "auto").strip().lower() or "auto"
+    if choice not in CPU_KERNELS:
+        raise ValueError(f"bi_wkv: environment variable {CPU_KERNEL_ENV} must be one of {CPU_KERNELS}, got {choice!r}")
+    if choice == "numba" and not biwkv_cpu.available():
+        raise ValueError(f"bi_wkv: {CPU_KERNEL_ENV}=numba but numba does not import ({biwkv_cpu.import_error()}); "
+                         "pip install numba, or unset it")
+    if choice == "auto":
+        return "numba" if biwkv_cpu.available() else "torch"
+    return choice
+
+
+@_bi_wkv_fwd_op.register_kernel("cpu")
+def _(w, u, k, v, chunk_size):
+    if cpu_kernel() == "torch":
+        return _bi_wkv_forward(w, u, k, v, chunk_size)
+    from . import biwkv_cpu
+
+    return biwkv_cpu.forward(w, u, k, v, *_chunking(k.shape[1], chunk_size), _compute_dtype(w, u, k, v))
+
+
+@_bi_wkv_bwd_op.register_kernel("cpu")
+def _(gy, w, u, y, X, DD, carries):
+    if cpu_kernel() == "torch":
+        return _bi_wkv_backward(gy, w, u, y, X, DD, carries)
+    from . import biwkv_cpu
+
+    return biwkv_cpu.backward(gy, w, u, y, X, DD)
+
+
 def _setup_context(ctx, inputs, output):
     w, u, k, v, _ = inputs
     y, *saved = output
@@ -419,8 +469,8 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
     if variant != "eq5":
         raise ValueError(f"bi_wkv: variant must be one of {BI_WKV_VARIANTS}, got {variant!r}")
     _check(w, u, k, v)
-    if chunk_size is None:
-        chunk_size = _auto_chunk(*k.shape)
+    if chunk_size is None:  # the compiled CPU kernel scans sequentially: one chunk (natural layout)
+        chunk_size = 0 if k.device.type == "cpu" and cpu_kernel() == "numba" else _auto_chunk(*k.shape)
     return torch.ops.linvision.bi_wkv_fwd(w, u, k, v, int(chunk_size))[0]
 
 
