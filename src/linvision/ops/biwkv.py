@@ -16,7 +16,9 @@ Three forms share one signature ``(w, u, k, v) -> [B, T, C]``:
 * :func:`bi_wkv` — the form the models use: a ``torch.library`` custom op (``linvision::bi_wkv_fwd`` /
   ``linvision::bi_wkv_bwd``) with its own backward; decayed prefix and suffix scans run in chunks, one vectorised
   op per position in a chunk, carries between chunks from the chunk totals. O(T) time and memory in the forward
-  and the backward, no token limit, CPU and CUDA (plain torch ops), fp32 inside for bf16/fp16 inputs.
+  and the backward, no token limit, CPU and CUDA (plain torch ops), fp32 inside for bf16/fp16 inputs. On CPU the
+  same scans run as compiled numba kernels (:mod:`linvision.ops.biwkv_cpu`) when numba imports
+  (``LINVISION_BIWKV_CPU=auto|numba|torch``, see :func:`cpu_kernel`); both CPU paths save the same tensors.
 * :func:`bi_wkv_official_kernel_ref` (``bi_wkv(..., variant="official_kernel")``) — the arithmetic of the
   authors' CUDA kernel, which differs from Eq. 5 and which the released checkpoints were trained with (float64,
   O(T^2); for evaluating/fine-tuning published weights).
@@ -404,7 +406,10 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
     A ``torch.library`` custom op: ``torch.ops.linvision.bi_wkv_fwd`` (registered autograd) and ``bi_wkv_bwd``,
     both with fake kernels, so ``torch.compile(fullgraph=True)`` traces through it; FLOP formulas for
     ``torch.utils.flop_counter`` (29 MACs per token and channel forward, as the official ``get_flops_backbone.py``;
-    twice that backward). Plain torch ops, so it runs on CPU and CUDA alike; no token limit, nothing compiled.
+    twice that backward). Plain torch ops, so it runs on CPU and CUDA alike; no token limit. On CPU, when numba
+    imports, the op runs the compiled kernels of :mod:`linvision.ops.biwkv_cpu` instead (the same scans, one
+    sequential pass per direction over a block of channels, states in float64; default ``chunk_size`` there: one
+    chunk); ``LINVISION_BIWKV_CPU=torch`` forces the torch-ops path (see :func:`cpu_kernel`).
 
     **Forward.** Per channel (dropped from the notation), with ``a_i = e^{k_i - max_j k_j}`` (the max cancels in the
     ratio) and two signals ``x^n_i = a_i v_i``, ``x^d_i = a_i``::
