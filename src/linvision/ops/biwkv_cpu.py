@@ -171,7 +171,8 @@ if numba is not None:
                 du[b, c0 + c] = acc_u[c]
 
 
-def _set_threads() -> None:
+def set_threads() -> None:
+    """numba's thread count := torch.get_num_threads() (capped by numba's pool), so ``--threads`` holds."""
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
 
@@ -200,7 +201,7 @@ def forward(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     X = torch.empty(2 * B, L, nc, C, dtype=cd)
     PS = torch.empty_like(X)
     car = torch.empty(2, 2 * B, nc, C, dtype=cd)
-    _set_threads()
+    set_threads()
     _fwd_kernel(_np(w), _np(u), _np(k32), _np(v32), _np(y), _np(X), _np(PS), _np(car), _block(B, C))
     return y[:, :T].to(v.dtype).contiguous(), X, PS, car
 
@@ -216,6 +217,6 @@ def backward(gy: torch.Tensor, w: torch.Tensor, u: torch.Tensor, y: torch.Tensor
     dv = torch.empty_like(dk)
     dw = torch.empty(B, C, dtype=torch.float64)
     du = torch.empty_like(dw)
-    _set_threads()
+    set_threads()
     _bwd_kernel(_np(gy), _np(w), _np(u), _np(y), _np(X), _np(DD), _np(dk), _np(dv), _np(dw), _np(du), _block(B, C))
     return dw.sum(0).to(cd), du.sum(0).to(cd), dk, dv
