@@ -311,10 +311,12 @@ def test_cpu_kernels_are_interchangeable_between_forward_and_backward(monkeypatc
 
 
 def test_cpu_kernel_choice_and_fallback(monkeypatch):
-    """auto: numba when it imports, else the torch path (same results); an unknown value or numba requested
-    without numba: a clear ValueError naming the variable."""
+    """unset: the torch path (for now); auto: numba when it imports, else the torch path (same results); an
+    unknown value or numba requested without numba: a clear ValueError naming the variable."""
     w, u, k, v = (t.detach() for t in _wkv_inputs(1, 20, 4))
     monkeypatch.delenv(biwkv_module.CPU_KERNEL_ENV, raising=False)
+    assert biwkv_module.cpu_kernel() == "torch"
+    monkeypatch.setenv(biwkv_module.CPU_KERNEL_ENV, "auto")
     assert biwkv_module.cpu_kernel() == "numba"
     with_numba = bi_wkv(w, u, k, v)
     monkeypatch.setattr(biwkv_cpu, "numba", None)  # as on a machine where numba does not import

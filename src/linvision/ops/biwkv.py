@@ -17,8 +17,8 @@ Three forms share one signature ``(w, u, k, v) -> [B, T, C]``:
   ``linvision::bi_wkv_bwd``) with its own backward; decayed prefix and suffix scans run in chunks, one vectorised
   op per position in a chunk, carries between chunks from the chunk totals. O(T) time and memory in the forward
   and the backward, no token limit, CPU and CUDA (plain torch ops), fp32 inside for bf16/fp16 inputs. On CPU the
-  same scans run as compiled numba kernels (:mod:`linvision.ops.biwkv_cpu`) when numba imports
-  (``LINVISION_BIWKV_CPU=auto|numba|torch``, see :func:`cpu_kernel`); both CPU paths save the same tensors.
+  same scans run as compiled numba kernels (:mod:`linvision.ops.biwkv_cpu`) with ``LINVISION_BIWKV_CPU=numba``
+  or ``auto`` (default for now: ``torch``; see :func:`cpu_kernel`); both CPU paths save the same tensors.
 * :func:`bi_wkv_official_kernel_ref` (``bi_wkv(..., variant="official_kernel")``) — the arithmetic of the
   authors' CUDA kernel, which differs from Eq. 5 and which the released checkpoints were trained with (float64,
   O(T^2); for evaluating/fine-tuning published weights).
@@ -319,15 +319,16 @@ CPU_KERNELS = ("auto", "numba", "torch")
 
 def cpu_kernel() -> str:
     """The CPU implementation the op uses now: ``"numba"`` or ``"torch"``, from the environment variable
-    ``LINVISION_BIWKV_CPU`` (``auto`` (default): numba when it imports, else torch ops; ``numba``: require it;
-    ``torch``: the torch-ops path). Read at every call.
+    ``LINVISION_BIWKV_CPU`` (``torch`` (default for now): the torch-ops path; ``auto``: numba when it imports, else
+    torch ops; ``numba``: require it). Read at every call. The default stays ``torch`` until the bit-exact
+    kill-and-resume test (tests/test_resume.py) passes with the numba kernels too (it does not yet: cause open).
 
     Raises:
         ValueError: an unknown value, or ``numba`` requested but numba does not import.
     """
     from . import biwkv_cpu
 
-    choice = os.environ.get(CPU_KERNEL_ENV, "auto").strip().lower() or "auto"
+    choice = os.environ.get(CPU_KERNEL_ENV, "torch").strip().lower() or "torch"
     if choice not in CPU_KERNELS:
         raise ValueError(f"bi_wkv: environment variable {CPU_KERNEL_ENV} must be one of {CPU_KERNELS}, got {choice!r}")
     if choice == "numba" and not biwkv_cpu.available():
@@ -406,10 +407,10 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
     A ``torch.library`` custom op: ``torch.ops.linvision.bi_wkv_fwd`` (registered autograd) and ``bi_wkv_bwd``,
     both with fake kernels, so ``torch.compile(fullgraph=True)`` traces through it; FLOP formulas for
     ``torch.utils.flop_counter`` (29 MACs per token and channel forward, as the official ``get_flops_backbone.py``;
-    twice that backward). Plain torch ops, so it runs on CPU and CUDA alike; no token limit. On CPU, when numba
-    imports, the op runs the compiled kernels of :mod:`linvision.ops.biwkv_cpu` instead (the same scans, one
-    sequential pass per direction over a block of channels, states in float64; default ``chunk_size`` there: one
-    chunk); ``LINVISION_BIWKV_CPU=torch`` forces the torch-ops path (see :func:`cpu_kernel`).
+    twice that backward). Plain torch ops, so it runs on CPU and CUDA alike; no token limit. On CPU with
+    ``LINVISION_BIWKV_CPU=numba`` (or ``auto`` and numba imports) the op runs the compiled kernels of
+    :mod:`linvision.ops.biwkv_cpu` instead (the same scans, one sequential pass per direction over a block of
+    channels, states in float64; default ``chunk_size`` there: one chunk); see :func:`cpu_kernel`.
 
     **Forward.** Per channel (dropped from the notation), with ``a_i = e^{k_i - max_j k_j}`` (the max cancels in the
     ratio) and two signals ``x^n_i = a_i v_i``, ``x^d_i = a_i``::
