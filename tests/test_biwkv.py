@@ -11,6 +11,8 @@ import linvision  # noqa: F401  (registers the models; must precede timm)
 import timm
 from linvision.memory import peak_tensor_bytes
 from linvision.ops import bi_wkv, bi_wkv_official_kernel_ref, bi_wkv_ref
+from linvision.ops import biwkv as biwkv_module
+from linvision.ops import biwkv_cpu
 
 
 def rel_rms(a: torch.Tensor, b: torch.Tensor, floor: float = 1.0) -> float:
@@ -19,6 +21,15 @@ def rel_rms(a: torch.Tensor, b: torch.Tensor, floor: float = 1.0) -> float:
     a, b = a.double(), b.double()
     ref = b.pow(2).mean().sqrt().item()
     return (a - b).pow(2).mean().sqrt().item() / max(ref, floor)
+
+
+@pytest.fixture(params=["numba", "torch"])
+def cpu_path(request, monkeypatch):
+    """Runs a test with each CPU implementation of the op: the compiled numba kernels and the torch-ops path
+    (numba is a dependency, so ``numba`` fails rather than skips where it does not import)."""
+    monkeypatch.setenv(biwkv_module.CPU_KERNEL_ENV, request.param)
+    assert biwkv_module.cpu_kernel() == request.param
+    return request.param
 
 
 def _wkv_inputs(B, T, C, dtype=torch.float32, scale=1.0, seed=0):
@@ -39,8 +50,9 @@ def _grads(fn, inputs, gy):
 # carries over more than 32 chunks (a recursive scan over the chunk totals)
 @pytest.mark.parametrize("T,B,C,chunk", [(1, 2, 13, 32), (2, 2, 13, 32), (3, 2, 13, 1), (64, 2, 13, 32),
                                          (64, 2, 13, 7), (197, 2, 13, 32), (197, 1, 5, 3), (1000, 1, 5, 32),
-                                         (1000, 1, 5, 8), (4096, 1, 3, 32)])
-def test_bi_wkv_matches_reference(T, B, C, chunk):
+                                         (1000, 1, 5, 8), (4096, 1, 3, 32), (1, 1, 1, None), (197, 2, 13, None),
+                                         (197, 2, 13, 0)])
+def test_bi_wkv_matches_reference(T, B, C, chunk, cpu_path):
     """fp32 relative RMS error < 1e-5 for the output and the gradients of w, u, k, v (odd C)."""
     w, u, k, v = _wkv_inputs(B, T, C)
     gy = torch.randn(B, T, C, generator=torch.Generator().manual_seed(1))
@@ -51,7 +63,7 @@ def test_bi_wkv_matches_reference(T, B, C, chunk):
         assert rel_rms(a, b) < 1e-5, name
 
 
-def test_bi_wkv_non_contiguous_inputs():
+def test_bi_wkv_non_contiguous_inputs(cpu_path):
     """k, v as strided views (a slice of a wider tensor, a transpose) give the same output and gradients."""
     w, u, k, v = _wkv_inputs(2, 45, 7)
     kk = torch.cat([k, k], -1).detach()[..., 7:].requires_grad_()  # stride 14 over channels
@@ -62,7 +74,7 @@ def test_bi_wkv_non_contiguous_inputs():
         torch.testing.assert_close(a, b)
 
 
-def test_bi_wkv_definition_by_loops():
+def test_bi_wkv_definition_by_loops(cpu_path):
     """Eq. 5 term by term for every (t, c), independent of both implementations."""
     w, u, k, v = (t.detach().double() for t in _wkv_inputs(1, 6, 3))
     for out in (bi_wkv_ref(w, u, k, v), bi_wkv(w, u, k, v)):
@@ -76,7 +88,7 @@ def test_bi_wkv_definition_by_loops():
 
 
 @pytest.mark.parametrize("T,chunk", [(5, 32), (13, 4), (70, 2)])
-def test_bi_wkv_gradcheck_float64(T, chunk):
+def test_bi_wkv_gradcheck_float64(T, chunk, cpu_path):
     """Analytic backward (the custom op's) against finite differences: one chunk, padded chunks, recursive carries
     (70 tokens in chunks of 2: 35 chunk carries)."""
     w, u, k, v = (t.detach().double().requires_grad_() for t in _wkv_inputs(1 if T > 20 else 2, T, 3))
@@ -88,7 +100,7 @@ def test_bi_wkv_reference_gradcheck_float64():
     assert torch.autograd.gradcheck(bi_wkv_ref, (w, u, k, v))
 
 
-def test_bi_wkv_chunk_size_only_moves_rounding():
+def test_bi_wkv_chunk_size_only_moves_rounding(cpu_path):
     w, u, k, v = (t.detach().double() for t in _wkv_inputs(2, 300, 5))
     outs = [bi_wkv(w, u, k, v, chunk_size=c) for c in (1, 5, 7, 32, 300)]
     for o in outs[1:]:
@@ -109,7 +121,7 @@ def _extreme_inputs(T, u_per_token, C=12):
 
 @pytest.mark.parametrize("T", [2, 50, 700])
 @pytest.mark.parametrize("u_per_token", [True, False], ids=["u_per_token", "u_raw"])
-def test_bi_wkv_extreme_inputs(T, u_per_token):
+def test_bi_wkv_extreme_inputs(T, u_per_token, cpu_path):
     """k = ±80, w·T in [-10, 10], u = ±20 (or ±20/T): no inf/NaN in the output or any gradient; the output matches
     the reference to 1e-5. Gradients match it to 1e-5 relative, except where they are saturated (tokens whose
     output is one token's v up to e^-20: the true gradient is ~1e-8 and fp32 cannot resolve v - y there) — hence
@@ -129,7 +141,7 @@ def test_bi_wkv_extreme_inputs(T, u_per_token):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_bi_wkv_low_precision_computed_in_fp32(dtype):
+def test_bi_wkv_low_precision_computed_in_fp32(dtype, cpu_path):
     w, u, k, v = _wkv_inputs(2, 130, 16, dtype=dtype)
     gy = torch.randn(2, 130, 16).to(dtype)
     fast = _grads(bi_wkv, (w, u, k, v), gy)
@@ -144,7 +156,7 @@ def _peak_bytes(fn, T, B=1, C=8):
     return peak_tensor_bytes(lambda: fn(w, u, k, v).backward(torch.ones(B, T, C)))
 
 
-def test_bi_wkv_memory_grows_linearly_in_T():
+def test_bi_wkv_memory_grows_linearly_in_T(cpu_path):
     """Complexity, not timing: peak live tensor memory of forward + backward grows ×4 for ×4 tokens (the O(T²)
     reference: ×16), and stays a small multiple of one [B, T, C] fp32 tensor."""
     fast = [_peak_bytes(bi_wkv, T) for T in (1024, 4096)]
@@ -154,7 +166,7 @@ def test_bi_wkv_memory_grows_linearly_in_T():
     assert ref[1] / ref[0] > 12, ref
 
 
-def test_bi_wkv_65536_tokens():
+def test_bi_wkv_65536_tokens(cpu_path):
     """No token limit: T = 65,536 forward and backward. fp32 against the same op in float64 (whose formulas the
     tests above check against Eq. 5), and the float64 output at sampled tokens against Eq. 5 itself (O(T) each)."""
     T, C = 65536, 3
@@ -175,9 +187,9 @@ def test_bi_wkv_65536_tokens():
         torch.testing.assert_close(f64[0][0, t], (p * v[0]).sum(0), rtol=1e-10, atol=1e-12)
 
 
-def test_bi_wkv_is_a_custom_op_with_fake_and_autograd():
+def test_bi_wkv_is_a_custom_op_with_fake_and_autograd(cpu_path):
     w, u, k, v = _wkv_inputs(2, 37, 5)
-    for chunk in (32, 8):  # one chunk; padded chunks with carries
+    for chunk in (32, 8, 0):  # one chunk; padded chunks with carries; one chunk (the numba path's default)
         torch.library.opcheck(torch.ops.linvision.bi_wkv_fwd.default, (w, u, k, v, chunk))
 
 
@@ -193,7 +205,7 @@ def _check_compiled(backend):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_bi_wkv_torch_compile_fullgraph():
+def test_bi_wkv_torch_compile_fullgraph(cpu_path):
     """Dynamo traces through the op in one graph (fake kernel + registered autograd); aot_eager keeps this fast."""
     torch._dynamo.reset()
     _check_compiled("aot_eager")
@@ -221,7 +233,7 @@ def test_vrwkv_model_compiles_fullgraph_and_uses_the_op():
         torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="aot_eager")(x), ref)
 
 
-def test_bi_wkv_flop_formula():
+def test_bi_wkv_flop_formula(cpu_path):
     """29 MACs (58 FLOPs) per token and channel forward, as the official get_flops_backbone.py counts Bi-WKV (its
     mmcv counter counts multiply-accumulates); the backward counts twice the forward."""
     B, T, C = 2, 37, 5
@@ -258,3 +270,79 @@ def test_official_kernel_differs_from_eq5_beyond_32_tokens_and_is_differentiable
     w, u, k, v = (t.detach().double().requires_grad_() for t in _wkv_inputs(1, 70, 3))
     assert rel_rms(bi_wkv_official_kernel_ref(w, u, k, v), bi_wkv_ref(w, u + w, k, v)) > 1e-4
     assert torch.autograd.gradcheck(lambda *a: bi_wkv_official_kernel_ref(*a), (w, u, k, v))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The two CPU implementations (compiled numba kernels, torch ops): interchangeable, selectable, falling back cleanly.
+# ---------------------------------------------------------------------------------------------------------------
+
+def _fwd_outputs(monkeypatch, path, args):
+    monkeypatch.setenv(biwkv_module.CPU_KERNEL_ENV, path)
+    return torch.ops.linvision.bi_wkv_fwd(*args)
+
+
+@pytest.mark.parametrize("T,chunk", [(1, 32), (37, 32), (37, 8), (64, 7), (100, 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cpu_kernels_save_the_same_tensors(monkeypatch, T, chunk, dtype):
+    """The numba forward returns the torch path's output and saved tensors (signals, [δ' ; den], chunk carries)
+    in the same layout and dtypes, for one chunk, divisor chunks and padded chunks."""
+    w, u, k, v = (t.detach() for t in _wkv_inputs(2, T, 11, dtype=dtype))
+    got = _fwd_outputs(monkeypatch, "numba", (w, u, k, v, chunk))
+    ref = _fwd_outputs(monkeypatch, "torch", (w, u, k, v, chunk))
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for name, a, b in zip(["y", "X", "DD", "carries"], got, ref):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert rel_rms(a.float(), b.float()) < (1e-2 if name == "y" and dtype == torch.bfloat16 else tol), name
+
+
+@pytest.mark.parametrize("fwd_path,bwd_path", [("numba", "torch"), ("torch", "numba")])
+def test_cpu_kernels_are_interchangeable_between_forward_and_backward(monkeypatch, fwd_path, bwd_path):
+    """A forward by one CPU path and the backward by the other give the reference's gradients (the saved tensors
+    have one meaning), with carries (chunk 7, padded) and in one chunk."""
+    w, u, k, v = _wkv_inputs(2, 45, 6)
+    gy = torch.randn(2, 45, 6)
+    ref = _grads(bi_wkv_ref, (w, u, k, v), gy)[1:]
+    for chunk in (7, 0):
+        monkeypatch.setenv(biwkv_module.CPU_KERNEL_ENV, fwd_path)
+        out = bi_wkv(w, u, k, v, chunk_size=chunk)
+        monkeypatch.setenv(biwkv_module.CPU_KERNEL_ENV, bwd_path)
+        for name, a, b in zip("wukv", torch.autograd.grad(out, (w, u, k, v), gy), ref):
+            assert rel_rms(a, b) < 1e-5, (chunk, name)
+
+
+def test_cpu_kernel_choice_and_fallback(monkeypatch):
+    """unset: the torch path (for now); auto: numba when it imports, else the torch path (same results); an
+    unknown value or numba requested without numba: a clear ValueError naming the variable."""
+    w, u, k, v = (t.detach() for t in _wkv_inputs(1, 20, 4))
+    monkeypatch.delenv(biwkv_module.CPU_KERNEL_ENV, raising=False)
+    assert biwkv_module.cpu_kernel() == "torch"
+    monkeypatch.setenv(biwkv_module.CPU_KERNEL_ENV, "auto")
+    assert biwkv_module.cpu_kernel() == "numba"
+    with_numba = bi_wkv(w, u, k, v)
+    monkeypatch.setattr(biwkv_cpu, "numba", None)  # as on a machine where numba does not import
+    assert not biwkv_cpu.available() and biwkv_module.cpu_kernel() == "torch"
+    assert rel_rms(bi_wkv(w, u, k, v), with_numba) < 1e-6
+    monkeypatch.setenv(biwkv_module.CPU_KERNEL_ENV, "numba")
+    with pytest.raises(ValueError, match="LINVISION_BIWKV_CPU=numba but numba does not import"):
+        bi_wkv(w, u, k, v)
+    monkeypatch.setenv(biwkv_module.CPU_KERNEL_ENV, "cuda")
+    with pytest.raises(ValueError, match="LINVISION_BIWKV_CPU must be one of"):
+        bi_wkv(w, u, k, v)
+
+
+def test_cpu_kernel_follows_torch_threads(monkeypatch):
+    """The numba kernels run on torch.get_num_threads() threads (so --threads holds for them too)."""
+    import numba
+
+    monkeypatch.setenv(biwkv_module.CPU_KERNEL_ENV, "numba")
+    w, u, k, v = (t.detach() for t in _wkv_inputs(1, 9, 4))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        bi_wkv(w, u, k, v)
+        assert numba.get_num_threads() == 1
+        torch.set_num_threads(max(2, before))
+        bi_wkv(w, u, k, v)
+        assert numba.get_num_threads() == min(max(2, before), numba.config.NUMBA_NUM_THREADS)
+    finally:
+        torch.set_num_threads(before)

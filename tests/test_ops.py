@@ -108,3 +108,35 @@ def test_retention_parallel_uncached_mask_matches_reference():
     g_ref = torch.autograd.grad((o_ref * go).sum(), (q, k, v))
     for name, a, b in zip("qkv", g_fast, g_ref):
         assert rel_rms(a, b) < 1e-5, name
+
+
+# Q-Shift + lerp in one op (ops/qshift.py): the compiled CPU kernel and the torch-ops form against the definition.
+
+@pytest.mark.parametrize("path", ["numba", "torch"])
+@pytest.mark.parametrize("B,H,W,C,shift", [(2, 3, 5, 10, 1), (1, 4, 4, 8, 2), (1, 1, 1, 3, 1), (2, 7, 6, 13, 1)])
+def test_q_shift_lerp_matches_q_shift_then_lerp(monkeypatch, path, B, H, W, C, shift):
+    """Each output is torch.lerp(q_shift(x), x, μ_i) (to fp32 rounding; μ on both sides of 0.5 and outside [0, 1]),
+    C not a multiple of 4 included; float64 gradients of x and μ against finite differences."""
+    from linvision.ops.qshift import q_shift_lerp
+
+    monkeypatch.setenv("LINVISION_BIWKV_CPU", path)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, H * W, C, generator=g)
+    mix = torch.rand(3, C, generator=g) * 1.4 - 0.2
+    xx = q_shift(x, (H, W), shift)
+    out = q_shift_lerp(x, mix, (H, W), shift)
+    assert out.shape == (3, B, H * W, C) and out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.stack([torch.lerp(xx, x, m) for m in mix]), rtol=0, atol=3e-7)
+    x64, m64 = x.double().requires_grad_(), mix.double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, m: q_shift_lerp(a, m, (H, W), shift), (x64, m64))
+
+
+def test_q_shift_lerp_is_a_custom_op_and_checks_input():
+    from linvision.ops.qshift import q_shift_lerp
+
+    x, mix = torch.randn(2, 12, 9), torch.rand(2, 9)
+    torch.library.opcheck(torch.ops.linvision.q_shift_lerp.default, (x, mix, 3, 4, 1))
+    with pytest.raises(ValueError, match="grid"):
+        q_shift_lerp(x, mix, (3, 5))
+    with pytest.raises(ValueError, match="mix must be"):
+        q_shift_lerp(x, mix[:, :4], (3, 4))

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.biwkv import bi_wkv
+from ..ops.qshift import q_shift_lerp
 
 __all__ = ["q_shift", "SpatialMix", "ChannelMix"]
 
@@ -90,10 +91,8 @@ class SpatialMix(nn.Module):
     def forward(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         T = x.shape[1]
         if self.shift_pixel > 0:
-            xx = q_shift(x, grid, self.shift_pixel)
-            xk = torch.lerp(xx, x, self.mix_k)  # x μ + shift(x) (1 - μ)
-            xv = torch.lerp(xx, x, self.mix_v)
-            xr = torch.lerp(xx, x, self.mix_r)
+            # x μ + shift(x) (1 - μ) for the three μ's, one op (one pass over x with numba on CPU)
+            xk, xv, xr = q_shift_lerp(x, torch.stack([self.mix_k, self.mix_v, self.mix_r]), grid, self.shift_pixel)
         else:
             xk = xv = xr = x
         k, v, r = self.key(xk), self.value(xv), self.receptance(xr)
@@ -122,8 +121,7 @@ class ChannelMix(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         if self.shift_pixel > 0:
-            xx = q_shift(x, grid, self.shift_pixel)
-            xk, xr = torch.lerp(xx, x, self.mix_k), torch.lerp(xx, x, self.mix_r)
+            xk, xr = q_shift_lerp(x, torch.stack([self.mix_k, self.mix_r]), grid, self.shift_pixel)
         else:
             xk = xr = x
         k = self.key_norm(torch.square(torch.relu(self.key(xk))))

@@ -16,7 +16,9 @@ Three forms share one signature ``(w, u, k, v) -> [B, T, C]``:
 * :func:`bi_wkv` — the form the models use: a ``torch.library`` custom op (``linvision::bi_wkv_fwd`` /
   ``linvision::bi_wkv_bwd``) with its own backward; decayed prefix and suffix scans run in chunks, one vectorised
   op per position in a chunk, carries between chunks from the chunk totals. O(T) time and memory in the forward
-  and the backward, no token limit, CPU and CUDA (plain torch ops), fp32 inside for bf16/fp16 inputs.
+  and the backward, no token limit, CPU and CUDA (plain torch ops), fp32 inside for bf16/fp16 inputs. On CPU the
+  same scans run as compiled numba kernels (:mod:`linvision.ops.biwkv_cpu`) with ``LINVISION_BIWKV_CPU=numba``
+  or ``auto`` (default for now: ``torch``; see :func:`cpu_kernel`); both CPU paths save the same tensors.
 * :func:`bi_wkv_official_kernel_ref` (``bi_wkv(..., variant="official_kernel")``) — the arithmetic of the
   authors' CUDA kernel, which differs from Eq. 5 and which the released checkpoints were trained with (float64,
   O(T^2); for evaluating/fine-tuning published weights).
@@ -24,6 +26,7 @@ Three forms share one signature ``(w, u, k, v) -> [B, T, C]``:
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -31,7 +34,7 @@ import torch.nn.functional as F
 
 from ._triton import triton_enabled
 
-__all__ = ["bi_wkv_ref", "bi_wkv", "bi_wkv_official_kernel_ref", "BI_WKV_VARIANTS", "wkv_chunk_len"]
+__all__ = ["bi_wkv_ref", "bi_wkv", "bi_wkv_official_kernel_ref", "BI_WKV_VARIANTS", "wkv_chunk_len", "cpu_kernel"]
 
 BI_WKV_VARIANTS = ("eq5", "official_kernel")
 
@@ -101,10 +104,11 @@ def wkv_chunk_len(T: int) -> int:
 
 
 def _chunking(T: int, target: int) -> Tuple[int, int]:
-    """``(L, nc)``: chunk length and chunk count, ``L * nc >= T``: one chunk up to ``2 * target`` tokens, else a
+    """``(L, nc)``: chunk length and chunk count, ``L * nc >= T``: one chunk up to ``2 * target`` tokens (or for
+    ``target <= 0``), else a
     divisor of T near ``target`` when there is one (no padding), else ``L = target`` and the last chunk padded."""
-    target = max(int(target), 1)
-    if T <= 2 * target:  # one chunk: no carries needed
+    target = int(target)
+    if target <= 0 or T <= 2 * target:  # one chunk: no carries needed (0: always; the compiled CPU kernel's choice)
         return max(T, 1), 1
     for d in list(range(target, (target + 1) // 2 - 1, -1)) + list(range(target + 1, 2 * target + 1)):
         if T % d == 0:
@@ -313,6 +317,55 @@ def _(gy, w, u, y, X, DD, carries):
     return (X.new_empty(C), X.new_empty(C), X.new_empty(B, T, C), X.new_empty(B, T, C))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# CPU: the compiled (numba) kernels of ops/biwkv_cpu.py when numba imports, else the torch-ops path above. Both
+# produce and accept the same saved tensors, so they are interchangeable between forward and backward.
+# ----------------------------------------------------------------------------------------------------------------
+
+CPU_KERNEL_ENV = "LINVISION_BIWKV_CPU"
+CPU_KERNELS = ("auto", "numba", "torch")
+
+
+def cpu_kernel() -> str:
+    """The CPU implementation the op uses now: ``"numba"`` or ``"torch"``, from the environment variable
+    ``LINVISION_BIWKV_CPU`` (``torch`` (default for now): the torch-ops path; ``auto``: numba when it imports, else
+    torch ops; ``numba``: require it). Read at every call. The default stays ``torch`` until the bit-exact
+    kill-and-resume test (tests/test_resume.py) passes with the numba kernels too (it does not yet: cause open).
+
+    Raises:
+        ValueError: an unknown value, or ``numba`` requested but numba does not import.
+    """
+    from . import biwkv_cpu
+
+    choice = os.environ.get(CPU_KERNEL_ENV, "torch").strip().lower() or "torch"
+    if choice not in CPU_KERNELS:
+        raise ValueError(f"bi_wkv: environment variable {CPU_KERNEL_ENV} must be one of {CPU_KERNELS}, got {choice!r}")
+    if choice == "numba" and not biwkv_cpu.available():
+        raise ValueError(f"bi_wkv: {CPU_KERNEL_ENV}=numba but numba does not import ({biwkv_cpu.import_error()}); "
+                         "pip install numba, or unset it")
+    if choice == "auto":
+        return "numba" if biwkv_cpu.available() else "torch"
+    return choice
+
+
+@_bi_wkv_fwd_op.register_kernel("cpu")
+def _(w, u, k, v, chunk_size):
+    if cpu_kernel() == "torch":
+        return _bi_wkv_forward(w, u, k, v, chunk_size)
+    from . import biwkv_cpu
+
+    return biwkv_cpu.forward(w, u, k, v, *_chunking(k.shape[1], chunk_size), _compute_dtype(w, u, k, v))
+
+
+@_bi_wkv_bwd_op.register_kernel("cpu")
+def _(gy, w, u, y, X, DD, carries):
+    if cpu_kernel() == "torch":
+        return _bi_wkv_backward(gy, w, u, y, X, DD, carries)
+    from . import biwkv_cpu
+
+    return biwkv_cpu.backward(gy, w, u, y, X, DD)
+
+
 def _setup_context(ctx, inputs, output):
     w, u, k, v, _ = inputs
     y, *saved = output
@@ -363,10 +416,13 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
     A ``torch.library`` custom op: ``torch.ops.linvision.bi_wkv_fwd`` (registered autograd) and ``bi_wkv_bwd``,
     both with fake kernels, so ``torch.compile(fullgraph=True)`` traces through it; FLOP formulas for
     ``torch.utils.flop_counter`` (29 MACs per token and channel forward, as the official ``get_flops_backbone.py``;
-    twice that backward). Plain torch ops, so it runs on CPU and CUDA alike; no token limit, nothing compiled.
-    On CUDA (float32/bf16/fp16, Triton installed, ``LINVISION_TRITON`` not ``0``) it runs instead the Triton
-    kernels of :mod:`linvision.ops.biwkv_triton` (the same scans, fused; custom op
-    ``linvision::bi_wkv_triton_fwd``/``_bwd``); Triton is imported only then.
+    twice that backward). Plain torch ops, so it runs on CPU and CUDA alike; no token limit. On CUDA
+    (float32/bf16/fp16, Triton installed, ``LINVISION_TRITON`` not ``0``) it runs instead the Triton kernels of
+    :mod:`linvision.ops.biwkv_triton` (the same scans, fused; custom op ``linvision::bi_wkv_triton_fwd``/``_bwd``);
+    Triton is imported only then. On CPU with ``LINVISION_BIWKV_CPU=numba`` (or ``auto`` and numba imports) the op
+    runs the compiled kernels of :mod:`linvision.ops.biwkv_cpu` instead (the same scans, one sequential pass per
+    direction over a block of channels, states in float64; default ``chunk_size`` there: one chunk); see
+    :func:`cpu_kernel`.
 
     **Forward.** Per channel (dropped from the notation), with ``a_i = e^{k_i - max_j k_j}`` (the max cancels in the
     ratio) and two signals ``x^n_i = a_i v_i``, ``x^d_i = a_i``::
@@ -434,8 +490,8 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
     if triton_enabled(w, u, k, v):  # CUDA: the Triton kernels (their op imports Triton when it first runs)
         L = wkv_chunk_len(k.shape[1]) if chunk_size is None else max(int(chunk_size), 1)
         return torch.ops.linvision.bi_wkv_triton_fwd(w, u, k, v, L)[0]
-    if chunk_size is None:
-        chunk_size = _auto_chunk(*k.shape)
+    if chunk_size is None:  # the compiled CPU kernel scans sequentially: one chunk (natural layout)
+        chunk_size = 0 if k.device.type == "cpu" and cpu_kernel() == "numba" else _auto_chunk(*k.shape)
     return torch.ops.linvision.bi_wkv_fwd(w, u, k, v, int(chunk_size))[0]
 
 

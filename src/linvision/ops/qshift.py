@@ -1,0 +1,147 @@
+"""Q-Shift and the token-shift interpolation of Vision-RWKV in one op (Duan et al., arXiv 2403.02308, Eq. 2-3).
+
+``q_shift_lerp(x, mix, grid, shift)[i] = torch.lerp(q_shift(x, grid, shift), x, mix[i])``, i.e. ``x μ_i +
+q_shift(x) (1 - μ_i)`` for each row ``μ_i`` of ``mix`` — the inputs of the k/v/r projections of the spatial mix and
+the k/r projections of the channel mix. A ``torch.library`` custom op (``linvision::q_shift_lerp``, fake kernel and
+autograd registered, so ``torch.compile(fullgraph=True)`` traces it):
+
+* the default implementation (any device) is the plain form: :func:`q_shift_ref` (pad + slices + cat) then one
+  ``torch.lerp`` per row — two passes over ``[B, T, C]`` for the shift and one per output;
+* on CPU, when :func:`linvision.ops.biwkv.cpu_kernel` says ``numba`` (``LINVISION_BIWKV_CPU=numba`` or
+  ``auto``), a compiled kernel reads x once and writes every output in the same pass
+  (no shifted copy, no pad), with ``torch.lerp``'s own arithmetic (``s + μ (e - s)`` for ``|μ| < 0.5``, else
+  ``e - (e - s)(1 - μ)``), so the two agree to fp32 rounding.
+
+The backward is torch ops on any device: ``∂x = Σ_i μ_i g_i + q_shift^T(Σ_i (1 - μ_i) g_i)``,
+``∂μ_i = Σ_{b,t} g_i (x - q_shift(x))``; ``q_shift^T`` is Q-Shift with each quarter's direction reversed.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import biwkv_cpu
+
+__all__ = ["q_shift_ref", "q_shift_lerp"]
+
+
+def q_shift_ref(x: torch.Tensor, grid: Tuple[int, int], shift: int = 1, adjoint: bool = False) -> torch.Tensor:
+    """Q-Shift (paper Eq. 2) by pad, slices and cat; see :func:`linvision.layers.rwkv.q_shift` for the contract.
+    ``adjoint=True``: its transpose (each quarter shifted the other way), for the backward."""
+    B, T, C = x.shape
+    H, W = grid
+    q = int(C / 4)
+    x = x.view(B, H, W, C)
+    p = F.pad(x, (0, 0, shift, shift, shift, shift))  # zero border of `shift` on H and W: [B, H+2s, W+2s, C]
+    s = shift
+    left, right = p[:, s:s + H, 0:W], p[:, s:s + H, 2 * s:2 * s + W]  # x[h, w - s], x[h, w + s]
+    up, down = p[:, 0:H, s:s + W], p[:, 2 * s:2 * s + H, s:s + W]  # x[h - s, w], x[h + s, w]
+    if adjoint:
+        left, right, up, down = right, left, down, up
+    out = torch.cat([left[..., 0:q], right[..., q:2 * q], up[..., 2 * q:3 * q], down[..., 3 * q:4 * q],
+                     x[..., 4 * q:]], dim=-1)
+    return out.reshape(B, T, C)
+
+
+def _q_shift_lerp_torch(x: torch.Tensor, mix: torch.Tensor, H: int, W: int, shift: int) -> torch.Tensor:
+    xx = q_shift_ref(x, (H, W), shift)
+    return torch.stack([torch.lerp(xx, x, m) for m in mix.unbind(0)])
+
+
+if biwkv_cpu.available():
+    from numba import njit, prange
+
+    @njit(cache=True, inline="always")
+    def _lerp_seg(x, mix, out, b, t, src, c0, c1):  # pragma: no cover - compiled
+        if src < 0:  # zero border: s = 0
+            for i in range(mix.shape[0]):
+                for c in range(c0, c1):
+                    e, m = x[b, t, c], mix[i, c]
+                    out[i, b, t, c] = m * e if abs(m) < 0.5 else e - e * (1 - m)
+        else:
+            for i in range(mix.shape[0]):
+                for c in range(c0, c1):
+                    e, s, m = x[b, t, c], x[b, src, c], mix[i, c]
+                    out[i, b, t, c] = s + m * (e - s) if abs(m) < 0.5 else e - (e - s) * (1 - m)
+
+    @njit(parallel=True, cache=True, fastmath=False)
+    def _q_shift_lerp_kernel(x, mix, out, H, W, s):  # pragma: no cover - compiled
+        B, T, C = x.shape
+        q = C // 4
+        for job in prange(B * H):
+            b, h = job // H, job % H
+            for w in range(W):
+                t = h * W + w
+                _lerp_seg(x, mix, out, b, t, t - s if w >= s else -1, 0, q)
+                _lerp_seg(x, mix, out, b, t, t + s if w + s < W else -1, q, 2 * q)
+                _lerp_seg(x, mix, out, b, t, t - s * W if h >= s else -1, 2 * q, 3 * q)
+                _lerp_seg(x, mix, out, b, t, t + s * W if h + s < H else -1, 3 * q, 4 * q)
+                _lerp_seg(x, mix, out, b, t, t, 4 * q, C)
+
+
+@torch.library.custom_op("linvision::q_shift_lerp", mutates_args=())
+def _q_shift_lerp_op(x: torch.Tensor, mix: torch.Tensor, H: int, W: int, shift: int) -> torch.Tensor:
+    """``[n, B, T, C]``: ``lerp(q_shift(x), x, mix[i])`` for each row of ``mix [n, C]``."""
+    return _q_shift_lerp_torch(x, mix, H, W, shift)
+
+
+@_q_shift_lerp_op.register_kernel("cpu")
+def _(x, mix, H, W, shift):
+    from .biwkv import cpu_kernel
+
+    if cpu_kernel() == "torch" or x.dtype not in (torch.float32, torch.float64) or mix.dtype != x.dtype:
+        return _q_shift_lerp_torch(x, mix, H, W, shift)
+    x, mix = x.contiguous(), mix.contiguous()
+    out = x.new_empty(mix.shape[0], *x.shape)
+    biwkv_cpu.set_threads()
+    _q_shift_lerp_kernel(x.detach().numpy(), mix.detach().numpy(), out.numpy(), H, W, shift)
+    return out
+
+
+@_q_shift_lerp_op.register_fake
+def _(x, mix, H, W, shift):
+    return x.new_empty(mix.shape[0], *x.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, mix, H, W, shift = inputs
+    ctx.save_for_backward(x, mix)
+    ctx.args = (H, W, shift)
+
+
+def _backward(ctx, g):
+    x, mix = ctx.saved_tensors
+    H, W, shift = ctx.args
+    m = mix[:, None, None, :]  # [n, 1, 1, C]
+    gx = (g * m).sum(0) + q_shift_ref((g * (1 - m)).sum(0), (H, W), shift, adjoint=True)
+    gmix = (g * (x - q_shift_ref(x, (H, W), shift))).sum((1, 2))
+    return gx, gmix, None, None, None
+
+
+_q_shift_lerp_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def q_shift_lerp(x: torch.Tensor, mix: torch.Tensor, grid: Tuple[int, int], shift: int = 1) -> torch.Tensor:
+    """``torch.lerp(q_shift(x, grid, shift), x, mix[i])`` for every row of ``mix``, in one op (module docstring).
+
+    Args:
+        x: ``[B, T, C]`` tokens in row-major order over ``grid``.
+        mix: ``[n, C]`` interpolation weights (μ of the official code), x's dtype.
+        grid: ``(H, W)`` patch grid, ``H * W == T``.
+        shift: Q-Shift distance in patches (>= 1).
+
+    Returns:
+        ``[n, B, T, C]`` in x's dtype (differentiable in x and mix).
+
+    Raises:
+        ValueError: grid does not match T, or mix is not ``[n, C]``.
+    """
+    B, T, C = x.shape
+    H, W = grid
+    if H * W != T:
+        raise ValueError(f"q_shift: grid {grid} does not match T={T}")
+    if mix.dim() != 2 or mix.shape[1] != C:
+        raise ValueError(f"q_shift_lerp: mix must be [n, C={C}], got {tuple(mix.shape)}")
+    return torch.ops.linvision.q_shift_lerp(x, mix.to(x.dtype), int(H), int(W), int(shift))
