@@ -328,3 +328,17 @@ def test_a_killed_worker_keeps_what_it_finished(tmp_path, monkeypatch):
     monkeypatch.setattr(subprocess, "run", fake_run)
     r = bench.execute_case(case, isolate=True)
     assert r["status"] == "ok" and r["fwd_ms"] > 0 and "killed at the case time budget (60 s)" in r["reason"]
+
+
+def test_export_suite_rows_for_both_backends(tmp_path, capsys):
+    """``--suite export``: one onnxruntime and one eager row per (model, resolution), files written."""
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "exp"
+    rc = main(["bench", "--suite", "export", "--models", "test_vir:mode=chunkwise", "--resolutions", "32",
+               "--iters", "1", "--warmup", "0", "--threads", "1", "--output", str(out)])
+    assert rc == 0
+    records = json.loads((out / "export.json").read_text())["records"]
+    assert sorted(r["backend"] for r in records) == ["eager", "onnxruntime"]
+    assert all(r["model"] == "test_vir:mode=chunkwise" and r["img_size"] == 32 and r["ms"] > 0 for r in records)
+    assert (out / "export.csv").exists()
+    assert "| onnxruntime |" in capsys.readouterr().out

@@ -386,13 +386,14 @@ def export_checkpoint(checkpoint: str | Path, fmt: str = "onnx", output: Optiona
 
 # ------------------------------------------------------------------------------------------- bench
 def onnx_vs_eager_timing(model_name: str, img_size: int, batch: int = 1, repeats: int = 5, warmup: int = 1,
-                         threads: Optional[int] = None) -> List[Dict[str, Any]]:
-    """Inference time of onnxruntime (CPU) vs eager PyTorch for ``model_name`` at ``img_size``² — rows for
-    ``linvision bench`` (``{"model", "img_size", "batch", "backend", "ms", "img_per_s"}``; median of
-    ``repeats`` after ``warmup`` runs, same input, same thread count). Random weights; a static export.
+                         threads: Optional[int] = None, **model_kwargs: Any) -> List[Dict[str, Any]]:
+    """Inference time of onnxruntime (CPU) vs eager PyTorch for ``model_name`` at ``img_size``² — the rows of
+    ``linvision bench --suite export`` (``{"model", "img_size", "batch", "backend", "ms", "img_per_s"}``, ms per
+    step; median of ``repeats`` after ``warmup`` runs, the two backends interleaved run by run, same input, same
+    thread count). Random weights; a static export; ``model_kwargs`` go to ``timm.create_model`` (e.g.
+    ``mode="chunkwise"`` so that eager ViR runs its linear form, as the exported graph does).
 
-    Not run by the tests (wall-clock numbers); run it on a quiet machine, e.g.
-    ``python -c "from linvision.export import onnx_vs_eager_timing as t; print(t('vrwkv_tiny', 1024))"``.
+    Not run by the tests (wall-clock numbers); run it on a quiet machine.
     """
     import onnxruntime as ort
 
@@ -401,7 +402,7 @@ def onnx_vs_eager_timing(model_name: str, img_size: int, batch: int = 1, repeats
 
     if threads:
         torch.set_num_threads(threads)
-    model = timm.create_model(model_name, pretrained=False).eval()
+    model = timm.create_model(model_name, pretrained=False, **model_kwargs).eval()
     x = _example(model, (img_size, img_size), batch)
     with tempfile.TemporaryDirectory() as d:
         path = export_onnx(export_program(model, (img_size, img_size), batch=batch), Path(d) / "m.onnx")
@@ -411,19 +412,20 @@ def onnx_vs_eager_timing(model_name: str, img_size: int, batch: int = 1, repeats
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         feed = {sess.get_inputs()[0].name: x.numpy()}
         runs = {"onnxruntime": lambda: sess.run(None, feed), "eager": lambda: model(x)}
-        rows = []
-        for backend, fn in runs.items():
-            with torch.inference_mode():
-                for _ in range(warmup):
-                    fn()
-                ts = []
-                for _ in range(repeats):
+        times: Dict[str, List[float]] = {b: [] for b in runs}
+        with torch.inference_mode():
+            for i in range(warmup + repeats):
+                for backend, fn in runs.items():  # interleaved: both see the same machine state
                     t0 = time.perf_counter()
                     fn()
-                    ts.append(time.perf_counter() - t0)
+                    if i >= warmup:
+                        times[backend].append(time.perf_counter() - t0)
+        rows = []
+        for backend, ts in times.items():
             ms = 1e3 * sorted(ts)[len(ts) // 2]
-            rows.append({"model": model_name, "img_size": img_size, "batch": batch, "backend": backend,
-                         "ms": round(ms, 2), "img_per_s": round(batch * 1e3 / ms, 2) if ms > 0 else math.inf})
+            rows.append({"model": model_name + "".join(f":{k}={v}" for k, v in model_kwargs.items()),
+                         "img_size": img_size, "batch": batch, "backend": backend, "ms": round(ms, 2),
+                         "img_per_s": round(batch * 1e3 / ms, 2) if ms > 0 else math.inf})
     return rows
 
 

@@ -52,7 +52,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                        help="throughput, memory and FLOPs vs resolution (models) or tokens (ops)",
                        description="Benchmark models (img/s, ms/step, peak MiB, GMACs, GFLOP/s vs the GEMM peak) "
                                    "across resolutions, or the token-mixing ops across token counts.")
-    b.add_argument("--suite", choices=("models", "ops"), default="models", help="[models]")
+    b.add_argument("--suite", choices=("models", "ops", "export"), default="models",
+                   help="models, ops, or export (onnxruntime vs eager PyTorch on CPU) [models]")
     b.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="model list + resolutions: " + "; ".join(f"{k}: {p.doc}" for k, p in PRESETS.items()))
     b.add_argument("--models", nargs="+", metavar="SPEC", help="model specs or fnmatch patterns [the preset's]")
@@ -91,6 +92,37 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     return b
 
 
+EXPORT_MODELS = ("vrwkv_tiny", "vir_tiny:mode=chunkwise")
+
+
+def _cmd_export_suite(cfg: BenchConfig, out: Path, log) -> int:
+    """``--suite export``: onnxruntime vs eager PyTorch img/s per model spec and resolution (CPU, batch
+    ``--batch-size``, interleaved medians; :func:`linvision.export.onnx_vs_eager_timing`); writes
+    ``export.csv``/``export.json`` and prints a markdown table."""
+    from ..export import onnx_vs_eager_timing
+    from .measure import machine_info
+    from .report import write_results
+    from .specs import parse_spec
+
+    records = []
+    for text in cfg.models or EXPORT_MODELS:
+        spec = parse_spec(text)
+        for res in cfg.resolutions or [224, 1024]:
+            log(f"export suite: {text} at {res}x{res}")
+            records += onnx_vs_eager_timing(spec.arch, res, batch=cfg.batch_size, repeats=cfg.iters or 5,
+                                            warmup=cfg.warmup, threads=cfg.threads, **dict(spec.kwargs))
+    meta = {**machine_info(threads=cfg.threads), "suite": "export"}
+    write_results(out, "export", meta, records, ["model", "img_size", "batch", "backend", "ms", "img_per_s"])
+    print("| model | res | batch | backend | ms | img/s | × eager |\n|---|---|---|---|---|---|---|")
+    eager = {(r["model"], r["img_size"]): r["ms"] for r in records if r["backend"] == "eager"}
+    for r in records:
+        ratio = eager[(r["model"], r["img_size"])] / r["ms"]
+        print(f"| `{r['model']}` | {r['img_size']} | {r['batch']} | {r['backend']} | {r['ms']} | {r['img_per_s']} | "
+              f"{ratio:.2f} |")
+    print(f"\nresults in {out}")
+    return 0
+
+
 def cmd_bench(ns: argparse.Namespace) -> int:
     """``linvision bench``: run the suite, write the files, print the markdown table on stdout."""
     import logging
@@ -106,6 +138,8 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     if cfg.suite == "ops":
         meta, records = run_ops(cfg, out, log)
         table = ops_markdown_table(records)
+    elif cfg.suite == "export":
+        return _cmd_export_suite(cfg, out, log)
     else:
         meta, records = run_models(cfg, out, log)
         table = markdown_table(records)
