@@ -12,9 +12,10 @@ distributed sampler, all-reduces its metrics and lets only rank 0 write files an
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -99,6 +100,22 @@ def cleanup_distributed(info: DistInfo) -> None:
     """Destroy the process group if ``info`` created it."""
     if info.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable[[Any, DistInfo], Any], args: Any, device: str | None = None) -> Any:
+    """``fn(args, info)`` inside :func:`init_distributed` / :func:`cleanup_distributed` (also on errors), with the
+    ``linvision`` logger of every rank but rank 0 lowered to warnings — the frame of every training entry point
+    (``linvision train``, ``supernet train``, ``segment train``)."""
+    info = init_distributed(device)
+    log = logging.getLogger("linvision")
+    level = log.level
+    if not info.is_main:
+        log.setLevel(logging.WARNING)
+    try:
+        return fn(args, info)
+    finally:
+        log.setLevel(level)
+        cleanup_distributed(info)
 
 
 def all_reduce_sum(values: Sequence[float] | torch.Tensor, info: DistInfo) -> torch.Tensor:

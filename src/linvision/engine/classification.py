@@ -34,7 +34,7 @@ from timm.utils import random_seed  # noqa: E402
 from ..data import (IMAGE_ERRORS, ImageFolder, build_eval_loader, build_train_loader, build_transforms,  # noqa: E402
                     holdout_split, is_small_image_dataset, load_rgb, resolve_data_root, split_dir,
                     validation_split_dir)
-from ..distributed import DistInfo, all_gather_object, cleanup_distributed, init_distributed  # noqa: E402
+from ..distributed import DistInfo, all_gather_object, run_distributed  # noqa: E402
 from ..errors import LinvisionError  # noqa: E402
 from .loop import LoopConfig, StepInfo, Trainer, build_trainer, fit, progress_enabled  # noqa: E402
 from .run import Panel, RunFolder  # noqa: E402
@@ -302,15 +302,7 @@ def train(args: Namespace) -> dict[str, Any]:
         number of processes differ, an output folder that already holds another run or cannot be written, or a
         non-finite loss / gradient norm / weights (names the step; the last good checkpoint stays).
     """
-    di = init_distributed(getattr(args, "device", None))
-    level = _log.level
-    if not di.is_main:
-        _log.setLevel(logging.WARNING)
-    try:
-        return _train(args, di)
-    finally:
-        _log.setLevel(level)
-        cleanup_distributed(di)
+    return run_distributed(_train, args, getattr(args, "device", None))
 
 
 def _data(args: Namespace, di: DistInfo, data_config: dict[str, Any]

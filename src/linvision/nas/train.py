@@ -25,7 +25,7 @@ from timm.utils import random_seed  # noqa: E402
 from ..checkpoint import MODEL_FILE, check_state_dict, load_config, load_state_dict, load_train_state  # noqa: E402
 from ..data import (ImageFolder, build_eval_loader, build_train_loader, holdout_split,  # noqa: E402
                     is_small_image_dataset, resolve_data_root, split_dir)
-from ..distributed import DistInfo, cleanup_distributed, init_distributed  # noqa: E402
+from ..distributed import DistInfo, run_distributed  # noqa: E402
 from ..engine import evaluate, model_data_config, setup_threads  # noqa: E402
 from ..engine.loop import LoopConfig, StepInfo, Trainer, build_trainer, fit  # noqa: E402
 from ..engine.run import Panel, RunFolder  # noqa: E402
@@ -177,15 +177,7 @@ def train_supernet(args: Namespace) -> Dict[str, Any]:
         LinvisionError: bad data/space/arguments, a resume with different locked arguments or number of
         processes, an output folder holding another run, or a non-finite loss (the last good checkpoint stays).
     """
-    di = init_distributed(None)
-    level = _log.level
-    if not di.is_main:
-        _log.setLevel(logging.WARNING)
-    try:
-        return _train_supernet(args, di)
-    finally:
-        _log.setLevel(level)
-        cleanup_distributed(di)
+    return run_distributed(_train_supernet, args)
 
 
 def _train_supernet(args: Namespace, di: DistInfo) -> Dict[str, Any]:
