@@ -115,26 +115,27 @@ def load_seg_model(path: str | Path, device: str | torch.device = "cpu") -> tupl
 
 
 def _load_backbone_run(model: torch.nn.Module, run: Path) -> dict[str, int]:
-    """Load a ``linvision train`` run's weights into ``model.encoder.model`` (its classifier head left out);
-    returns counts of loaded / skipped-head / encoder-only keys.
+    """Load a ``linvision train`` run's weights into ``model.encoder.model``; tensors the encoder does not have
+    (the classifier head, the final norm the dense encoder prunes) are left out. Returns counts of loaded /
+    left-out / encoder-only tensors.
 
     Raises:
-        LinvisionError: the run's model is another backbone, or its weights do not fit the encoder.
+        LinvisionError: a tensor of another shape, or fewer than half of the encoder's tensors in the run.
     """
     enc = model.encoder.model
     sd = load_state_dict(run / MODEL_FILE)
     own = enc.state_dict()
-    head = [k for k in sd if k not in own and k.split(".")[0] in ("head", "fc", "classifier", "head_drop")]
-    sd = {k: v for k, v in sd.items() if k not in head}
-    unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
+    shapes = [f"{k} {tuple(v.shape)} vs encoder {tuple(own[k].shape)}" for k, v in sd.items()
               if k in own and v.shape != own[k].shape]
-    if unexpected or shapes:
-        what = (f"unexpected keys {', '.join(unexpected[:4])}" if unexpected else
-                f"shape mismatch {', '.join(shapes[:3])}")
-        raise LinvisionError(f"--backbone-checkpoint {run}: its weights do not fit the encoder ({what})")
-    enc.load_state_dict(sd, strict=False)
-    return {"loaded": len(sd), "head_skipped": len(head), "not_in_checkpoint": len(set(own) - set(sd))}
+    if shapes:
+        raise LinvisionError(f"--backbone-checkpoint {run}: its weights do not fit the encoder (shape mismatch "
+                             f"{', '.join(shapes[:3])})")
+    kept = {k: v for k, v in sd.items() if k in own}
+    if len(kept) < len(own) / 2:
+        raise LinvisionError(f"--backbone-checkpoint {run}: only {len(kept)} of the encoder's {len(own)} tensors "
+                             "are in it (another architecture?)")
+    enc.load_state_dict(kept, strict=False)
+    return {"loaded": len(kept), "left_out": len(sd) - len(kept), "not_in_checkpoint": len(own) - len(kept)}
 
 
 def _backbone_source(args: Namespace) -> tuple[dict[str, Any], Path | None, str | None]:
@@ -435,8 +436,9 @@ def _train(args: Namespace, di: DistInfo) -> dict[str, Any]:
     model = build_seg_model(config, official if run.state is None else None)
     if backbone_run is not None and run.state is None:
         counts = _load_backbone_run(model, backbone_run)
-        _log.info("backbone weights from %s: %d tensors loaded, %d head tensors left out", backbone_run,
-                  counts["loaded"], counts["head_skipped"])
+        _log.info("backbone weights from %s: %d tensors loaded, %d left out (head, final norm)%s", backbone_run,
+                  counts["loaded"], counts["left_out"],
+                  f", {counts['not_in_checkpoint']} encoder tensors not in it" if counts["not_in_checkpoint"] else "")
     model.to(di.device)
     trainer = build_trainer(model, di, steps_per_epoch=len(train_loader), epochs=args.epochs, opt=args.opt,
                             lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
