@@ -31,7 +31,7 @@ from tqdm import tqdm
 from .. import _compat  # noqa: F401  (before timm/torchvision)
 import timm  # noqa: E402
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
-from timm.utils import random_seed  # noqa: E402
+from timm.utils import distribute_bn, random_seed  # noqa: E402
 
 from ..checkpoint import MODEL_FILE, check_state_dict, load_config, load_state_dict  # noqa: E402
 from ..data import IMAGE_ERRORS, SeededSampler, default_workers, holdout_split, load_rgb  # noqa: E402
@@ -310,6 +310,10 @@ class SegmentationTask:
         return {"train_acc": 100 * sums.get("correct_px", 0) / max(sums.get("labelled_px", 0), 1)}
 
     def evaluate(self, model: torch.nn.Module, loader: Any, di: DistInfo, desc: str) -> dict[str, Any]:
+        if di.distributed:
+            # Each rank's BatchNorm running statistics saw only its shard: average them (timm's --dist-bn
+            # reduce), so every rank evaluates, and rank 0 saves, the same weights.
+            distribute_bn(model, di.world_size, reduce=True)
         return evaluate_segmentation(model, loader, self.num_classes, self.ignore_index, inference=self.inference,
                                      window=self.window, stride=self.stride, device=di.device, dist_info=di,
                                      progress=progress_enabled(di), desc=desc)
