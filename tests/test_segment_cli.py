@@ -132,7 +132,7 @@ def test_resume_finished_run_extends_or_refuses(seg_run, tmp_path, capsys):
     assert rc == 2 and "already holds a run" in err
     rc, stdout, _ = run(capsys, "segment", "train", "--resume", out, "--epochs", "3", "--workers", "0")
     assert rc == 0 and "epoch 3, step 6" in stdout and [x["epoch"] for x in rows(out)] == ["1", "2", "3"]
-    rc, _, err = run(capsys, "eval", "--checkpoint", out, "--threads", "1")  # a classifier command on a segmentation run
+    rc, _, err = run(capsys, "eval", "--checkpoint", out, "--threads", "1")  # a classifier command on a seg. run
     assert rc == 2 and "segment eval" in err
 
 
@@ -199,3 +199,48 @@ def test_user_message_unwraps_dataloader_worker_errors():
                              f"linvision.errors.LinvisionError: {inner}\n")
     assert user_message(wrapped) == inner
     assert user_message(LinvisionError("a\nb")) == "a; b"
+
+
+CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid.tar.gz"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CAMVID.is_file(), reason="needs ../shared/data/camvid.tar.gz")
+def test_camvid_demo_script_smoke(tmp_path):
+    """scripts/camvid_demo.sh end to end on CamVid with tiny settings (test_vrwkv, 2 steps); slow because it
+    resizes the data set, evaluates the val and test images and starts five Python processes."""
+    import os
+    import subprocess
+
+    import linvision
+    script = Path(__file__).resolve().parents[1] / "scripts" / "camvid_demo.sh"
+    src = str(Path(linvision.__file__).resolve().parents[1])
+    out = tmp_path / "demo"
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "DATA": str(CAMVID),
+           "OUT": str(out), "BACKBONE": "test_vrwkv", "BACKBONE_ARGS": "--patch-size 8", "CHANNELS": "32",
+           "CROP": "64 96", "EPOCHS": "1", "BATCH": "4", "PREDICT": "2", "EXTRA": "--workers 0 --threads 1",
+           "TRAIN_EXTRA": "--max-steps 2", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = json.loads((out / "test_metrics.json").read_text())
+    assert m["n"] == 233 and len(m["iou"]) == 11 and "sky" in m["iou"] and "test mIoU" in res.stdout
+    assert sorted(p.name for p in (out / "predictions").iterdir()) == [
+        "0001TP_008550_mask.png", "0001TP_008550_overlay.png", "0001TP_008580_mask.png", "0001TP_008580_overlay.png"]
+    for f in (out / "predictions").glob("*_mask.png"):
+        assert Image.open(f).size == (240, 180)  # the demo's half-resolution copy
+    assert json.loads((out / "run" / "config.json").read_text())["validation"]["n"] == 101
+
+
+def test_no_val_split_holds_out_train_images(seg_data, tmp_path, capsys):
+    root = tmp_path / "noval"
+    shutil.copytree(seg_data, root)
+    shutil.rmtree(root / "val")
+    out = tmp_path / "run"
+    rc, stdout, err = run(capsys, "segment", "train", "--data", root, *MODEL, "--decoder", "fpn", *FAST, "--epochs",
+                          "1", "--max-steps", "1", "--val-split", "3", "--no-test", "--output", out)
+    assert rc == 0 and "3 validation images (held out of train/)" in err and "6 steps" not in err
+    c = json.loads((out / "config.json").read_text())
+    assert c["validation"] == {"source": "held out of train/", "val_split": 3.0, "seed": 0, "n": 3}
+    assert c["decoder"] == "fpn" and c["model_choice"]["split"] == "val" and rows(out)[0]["val_miou"]
+    assert "5 train images" in err  # 8 - 3 held out
+    assert rows(out)[0]["test_miou"] == "" and c["metrics"]["split"] == "val" and "val mIoU" in stdout  # --no-test

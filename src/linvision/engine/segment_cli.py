@@ -41,6 +41,7 @@ SEGMENT_DEFAULTS: dict[str, Any] = {
     "clip_grad": 1.0,
     "drop_path": 0.1,
     "val_split": 0.1,           # only when the data set has no val/ split
+    "test": True,               # evaluate test/ after every epoch (reported only; `segment eval` can do it later)
     "workers": None,
     "threads": None,
     "max_steps": None,
@@ -128,9 +129,13 @@ def add_segment_commands(sub: argparse._SubParsersAction, common: argparse.Argum
         t.add_argument(f"--{k.replace('_', '-')}", type=float, help=f"[{d[k]}]")
     t.add_argument("--opt", help=f"timm optimizer name [{d['opt']}]")
     t.add_argument("--ema", action=argparse.BooleanOptionalAction,
-                   help=f"keep an EMA of the weights; the better by validation mIoU is saved [{'on' if d['ema'] else 'off'}]")
+                   help="keep an EMA of the weights; the better by validation mIoU is saved "
+                        f"[{'on' if d['ema'] else 'off'}]")
     t.add_argument("--val-split", type=float, metavar="F", help="without a val/ split: hold out this part of train/ "
                                                                 f"(fraction < 1 or count; 0: none) [{d['val_split']}]")
+    t.add_argument("--test", action=argparse.BooleanOptionalAction,
+                   help="evaluate the kept weights on test/ after every epoch (only reported; --no-test saves that "
+                        f"time, `segment eval` reports it later) [{'on' if d['test'] else 'off'}]")
     t.add_argument("--seed", type=int, help=f"[{d['seed']}]")
     t.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps of this invocation")
     t.add_argument("--save-every-steps", type=int, metavar="N", help="also write train_state.pt every N steps [0]")

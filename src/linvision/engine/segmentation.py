@@ -374,7 +374,7 @@ def _seg_data(args: Namespace, di: DistInfo, root: Path, meta: SegMeta
     if val_ds is not None:
         val = ("val", _seg_loader(val_ds, eb, shard(val_idx), args.workers, False))
     test = None
-    if _has_split(root, "test"):
+    if getattr(args, "test", True) and _has_split(root, "test"):
         test_ds = SegmentationDataset(root, "test", eval_tf, meta=meta)
         test = ("test", _seg_loader(test_ds, eb, shard(list(range(len(test_ds)))), args.workers, False))
     return train, val, test, record
@@ -389,13 +389,13 @@ def train(args: Namespace) -> dict[str, Any]:
     SEGMENT_DEFAULTS`): ``backbone, decoder, decoder_channels, pyramid_channels, patch_size, backbone_checkpoint,
     data, crop_size (h, w), base_size, scale_range (lo, hi), epochs, batch_size, eval_batch_size, lr, min_lr,
     warmup_lr, warmup_epochs, weight_decay, opt, ema, ema_decay, clip_grad, drop_path, workers, threads,
-    max_steps, val_split, seed, output, resume, save_every_steps, log_interval, device, amp, inference, window,
-    stride``.
+    max_steps, val_split, test, seed, output, resume, save_every_steps, log_interval, device, amp, inference,
+    window, stride``.
 
     Validation (model choice, raw vs EMA by mIoU): the data set's ``val/`` split, else ``val_split`` training
     images held out (fraction if < 1, else a count; seeded by ``seed``), else none (EMA kept if any). ``test/`` is
-    evaluated for the kept weights only and only reported. Resume, DDP and the files written: as
-    :func:`linvision.engine.classification.train`.
+    evaluated for the kept weights only and only reported (not at all with ``test`` False). Resume, DDP and the
+    files written: as :func:`linvision.engine.classification.train`.
 
     Raises:
         LinvisionError: bad data/backbone/arguments, a resume whose locked arguments
