@@ -157,6 +157,25 @@ def test_backbone_checkpoint_from_a_classification_run(seg_data, tmp_path, capsy
     assert rc == 2 and "holds 'test_vrwkv'" in err
 
 
+def test_backbone_checkpoint_from_a_weights_file(seg_data, tmp_path, capsys):
+    """A weights file goes through timm's pretrained loading (the model's checkpoint_filter_fn)."""
+    import timm
+    from safetensors.torch import save_file
+    torch.manual_seed(2)
+    ref = timm.create_model("test_vrwkv", patch_size=8).state_dict()
+    save_file({k: v.contiguous() for k, v in ref.items()}, tmp_path / "w.safetensors")
+    rc, _, err = run(capsys, "segment", "train", "--data", seg_data, *MODEL, "--backbone-checkpoint",
+                     tmp_path / "w.safetensors", *FAST, "--epochs", "1", "--max-steps", "1", "--lr", "0",
+                     "--warmup-lr", "0", "--min-lr", "0", "--no-test", "--output", tmp_path / "seg")
+    assert rc == 0, err
+    enc = load_seg_model(tmp_path / "seg")[0].encoder.model.state_dict()
+    assert all(torch.equal(enc[k], ref[k]) for k in enc)
+    (tmp_path / "w.txt").write_text("x")
+    rc, _, err = run(capsys, "segment", "train", "--data", seg_data, *MODEL, "--backbone-checkpoint",
+                     tmp_path / "w.txt", *FAST, "--output", tmp_path / "seg2")
+    assert rc == 2 and "expected a run folder or a .safetensors" in err
+
+
 def _break(root: Path, case: str) -> str:
     """Damage a copy of the data set; returns a phrase the one-line error must contain."""
     if case == "size":
