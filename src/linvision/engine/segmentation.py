@@ -36,7 +36,7 @@ from timm.utils import distribute_bn, random_seed  # noqa: E402
 from ..checkpoint import MODEL_FILE, check_state_dict, load_config, load_state_dict  # noqa: E402
 from ..data import IMAGE_ERRORS, SeededSampler, default_workers, holdout_split, load_rgb  # noqa: E402
 from ..dense import DECODERS, create_segmentation_model  # noqa: E402
-from ..distributed import DistInfo, all_reduce_sum, cleanup_distributed, init_distributed  # noqa: E402
+from ..distributed import DistInfo, all_reduce_sum, run_distributed  # noqa: E402
 from ..errors import LinvisionError  # noqa: E402
 from ..segmentation import (SegCollate, SegMeta, SegmentationDataset, SegmentationMetrics,  # noqa: E402
                             build_seg_transform, default_palette, load_meta, predict_slide, predict_whole,
@@ -402,15 +402,7 @@ def train(args: Namespace) -> dict[str, Any]:
         (:data:`SEG_RESUME_LOCKED_ARGS`) or number of processes differ, an output folder holding another run, a
         backbone checkpoint that does not fit, or a non-finite loss / weights.
     """
-    di = init_distributed(getattr(args, "device", None))
-    level = _log.level
-    if not di.is_main:
-        _log.setLevel(logging.WARNING)
-    try:
-        return _train(args, di)
-    finally:
-        _log.setLevel(level)
-        cleanup_distributed(di)
+    return run_distributed(_train, args, getattr(args, "device", None))
 
 
 def _train(args: Namespace, di: DistInfo) -> dict[str, Any]:
