@@ -214,3 +214,32 @@ def test_supernet_shards_take_the_same_number_of_steps(tiny_data):
     lens = [len(build_train_loader(tiny_data, dc, 4, num_workers=0, indices=range(15), num_replicas=2, rank=r))
             for r in range(2)]
     assert lens == [2, 2]
+
+
+@pytest.mark.slow  # ~45 s on 2 busy CPU cores (two torchrun processes)
+def test_segmentation_two_processes_report_whole_split_metrics(tmp_path, capsys):
+    """`segment train` under torchrun (2 gloo processes): every val/test image is evaluated once over the ranks
+    and the confusion matrices and loss sums are reduced, so the mIoU / pixel accuracy / loss in metrics.csv are
+    exactly those of the saved weights evaluated by one process."""
+    import json
+
+    from test_segment_cli import FAST, MODEL, make_seg_data
+    data = make_seg_data(tmp_path / "seg", n=(8, 3, 5))  # odd val/test sizes: uneven shards
+    out = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "linvision", "segment", "train", "--data", str(data), *MODEL, *FAST,
+                           "--batch-size", "2", "--epochs", "1", "--drop-path", "0", "--output", str(out)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done:") == 1 and load_train_state(out)["world_size"] == 2
+    row = rows(out)[-1]
+    assert json.loads((out / "config.json").read_text())["metrics"]["n"] == 5  # all test images, both shards
+    for split in ("val", "test"):
+        rc = main(["segment", "eval", "--checkpoint", str(out), "--split", split, "--json", "--workers", "0",
+                   "--threads", "1"])
+        m = json.loads(capsys.readouterr().out)
+        assert rc == 0 and m["n"] == (3 if split == "val" else 5)
+        assert abs(m["miou"] - float(row[f"{split}_miou"])) <= 1e-3, split
+        assert abs(m["acc"] - float(row[f"{split}_acc"])) <= 1e-3, split
+        assert abs(m["loss"] - float(row[f"{split}_loss"])) <= 1e-4, split

@@ -199,6 +199,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[to
     p = Path(path).expanduser()
     directory = _checkpoint_dir(p)
     config = load_config(directory)
+    if config.get("task") == "segmentation":
+        raise LinvisionError(f"checkpoint {directory} is a segmentation run; use `linvision segment eval/predict`")
     if not timm.is_model(config["model"]):
         raise LinvisionError(f"checkpoint {directory / CONFIG_FILE} names unknown model {config['model']!r}")
     weights = p if p.is_file() and p.suffix == ".safetensors" else directory / MODEL_FILE

@@ -1,4 +1,5 @@
-"""``linvision`` command line: ``train``, ``eval``, ``predict`` and ``bench`` (also ``python -m linvision``).
+"""``linvision`` command line: ``train``, ``eval``, ``predict``, ``bench``, ``export``, ``segment`` and the NAS
+commands (also ``python -m linvision``).
 
 ``linvision`` with no arguments (or ``linvision train`` with no options) runs the main job: ``MAIN_JOB`` — the
 default model trained on the CIFAR-10 subset embedded in the package, written to ``runs/<model>-<timestamp>``.
@@ -18,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import LinvisionError
+from .errors import LinvisionError, user_message
 
 DEFAULT_MODEL = "vrwkv_tiny"
 
@@ -204,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     from .export import add_parser as add_export_parser  # `linvision export`: see linvision/export.py
     add_export_parser(sub, common)
+    from .engine.segment_cli import add_segment_commands  # `segment train|eval|predict`: see engine/segmentation.py
+    add_segment_commands(sub, common, fmt)
     return parser
 
 
@@ -327,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LinvisionError as e:
         if debug:
             raise
-        msg = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())  # always one line
+        msg = user_message(e)  # always one line, also when raised in a DataLoader worker
         rank = int(os.environ.get("RANK", "0"))
         print(f"linvision: error: {f'[rank {rank}] ' if rank else ''}{msg}", file=sys.stderr)
         return 2
