@@ -37,7 +37,7 @@ from ..data import (IMAGE_ERRORS, ImageFolder, build_eval_loader, build_train_lo
 from ..distributed import DistInfo, all_gather_object, cleanup_distributed, init_distributed  # noqa: E402
 from ..errors import LinvisionError  # noqa: E402
 from .loop import LoopConfig, StepInfo, Trainer, build_trainer, fit, progress_enabled  # noqa: E402
-from .run import Panel, RunFolder  # noqa: E402
+from .run import Panel, RunFolder, release_run_locks  # noqa: E402
 
 __all__ = ["setup_threads", "check_model_name", "create_model", "model_data_config", "evaluate", "predict", "train",
            "ClassificationTask", "RESUME_LOCKED_ARGS", "METRIC_FIELDS"]
@@ -310,6 +310,7 @@ def train(args: Namespace) -> dict[str, Any]:
         return _train(args, di)
     finally:
         _log.setLevel(level)
+        release_run_locks()
         cleanup_distributed(di)
 
 

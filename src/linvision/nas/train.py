@@ -28,7 +28,7 @@ from ..data import (ImageFolder, build_eval_loader, build_train_loader, holdout_
 from ..distributed import DistInfo, cleanup_distributed, init_distributed  # noqa: E402
 from ..engine import evaluate, model_data_config, setup_threads  # noqa: E402
 from ..engine.loop import LoopConfig, StepInfo, Trainer, build_trainer, fit  # noqa: E402
-from ..engine.run import Panel, RunFolder  # noqa: E402
+from ..engine.run import Panel, RunFolder, release_run_locks  # noqa: E402
 from ..errors import LinvisionError  # noqa: E402
 from .space import get_space  # noqa: E402
 from .supernet import ResNASSuperNet  # noqa: E402
@@ -185,6 +185,7 @@ def train_supernet(args: Namespace) -> Dict[str, Any]:
         return _train_supernet(args, di)
     finally:
         _log.setLevel(level)
+        release_run_locks()
         cleanup_distributed(di)
 
 
