@@ -25,6 +25,7 @@ from . import _compat  # noqa: F401  (before timm/torchvision)
 import timm  # noqa: E402
 
 from .errors import LinvisionError  # noqa: E402
+from .untrusted import check_finite, check_header, check_model_args  # noqa: E402
 
 __all__ = ["MODEL_FILE", "CONFIG_FILE", "STATE_FILE", "atomic_write", "save_model", "load_model", "load_config",
            "load_state_dict", "check_state_dict", "save_train_state", "load_train_state", "get_rng_states",
@@ -233,12 +234,17 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild a model from a checkpoint folder (or its ``model.safetensors`` / ``config.json``).
 
-    Creates ``timm.create_model(config["model"], **config["model_args"])`` (``pretrained=False``, nothing is
-    downloaded), loads the weights strictly and returns ``(model.eval(), config)``.
+    The folder is untrusted input: ``model_args`` must pass :func:`linvision.untrusted.check_model_args` (an
+    allow-list of keys per family, values range-checked); the model is first built on the ``meta`` device and its
+    tensor names, shapes and dtypes compared with the safetensors header (:func:`~linvision.untrusted.check_header`)
+    before any real allocation; weights holding NaN/Inf are refused. Then
+    ``timm.create_model(config["model"], **config["model_args"])`` (``pretrained=False``, nothing is downloaded)
+    gets the weights strictly; returns ``(model.eval(), config)``.
 
     Raises:
-        LinvisionError: missing files, invalid safetensors, unknown model name, or weights that do not match the
-        model (the message names the file and the offending keys).
+        LinvisionError: missing files, invalid safetensors, unknown model name, ``model_args`` outside the
+        allow-list or range, weights that do not match the model (names, shapes or dtypes; the message names the
+        file and the offending keys), or non-finite weights.
     """
     p = Path(path).expanduser()
     directory = _checkpoint_dir(p)
@@ -246,14 +252,25 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[to
     if not timm.is_model(config["model"]):
         raise LinvisionError(f"checkpoint {directory / CONFIG_FILE} names unknown model {config['model']!r}")
     weights = p if p.is_file() and p.suffix == ".safetensors" else directory / MODEL_FILE
+    model_args = check_model_args(config["model"], config.get("model_args"), directory / CONFIG_FILE)
+    with torch.device("meta"):  # shapes and dtypes only: nothing is allocated before the header agrees
+        meta = _build(config["model"], model_args, directory)
+    check_header(meta.state_dict(), weights, type(meta).__name__)
+    del meta
     state_dict = load_state_dict(weights)
-    try:
-        model = timm.create_model(config["model"], pretrained=False, **config.get("model_args", {}))
-    except (TypeError, ValueError, AssertionError) as e:
-        raise LinvisionError(f"cannot build {config['model']} from {directory / CONFIG_FILE}: {e}") from None
+    check_finite(state_dict, weights)
+    model = _build(config["model"], model_args, directory)
     check_state_dict(model, state_dict, weights)
     model.load_state_dict(state_dict, strict=True)
     return model.to(device).eval(), config
+
+
+def _build(name: str, model_args: dict[str, Any], directory: Path) -> torch.nn.Module:
+    try:
+        return timm.create_model(name, pretrained=False, **model_args)
+    except (TypeError, ValueError, AssertionError, RuntimeError, NotImplementedError) as e:
+        text = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise LinvisionError(f"cannot build {name} from {directory / CONFIG_FILE}: {text}") from None
 
 
 # --------------------------------------------------------------------------------------------------- train state
