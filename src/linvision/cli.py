@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch CPU threads (default: all cores; under torchrun: shared by the node's processes)")
     common.add_argument("--workers", type=int, default=argparse.SUPPRESS,
                         help="data-loader worker processes (default: min(2, cores))")
+    common.add_argument("--max-pixels", type=int, default=argparse.SUPPRESS, metavar="N",
+                        help="largest image (width x height) decoded whole; larger ones are refused as possible "
+                             "decompression bombs (default: PIL's limit, about 89.5 million)")
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="linvision", formatter_class=fmt,
@@ -333,6 +336,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.formatwarning = lambda msg, cat, *a, **k: f"linvision: warning: {msg}\n"
     try:
         _positive({k: v for k, v in vars(ns).items() if k not in ("func", "command")})
+        if getattr(ns, "max_pixels", None):
+            from .data import set_max_pixels
+            set_max_pixels(ns.max_pixels)
         return ns.func(ns)
     except (LinvisionError, OSError, MemoryError) as e:
         if debug:

@@ -35,7 +35,7 @@ RULES: dict[str, str] = {
     "holdout_limit": "positive", "resolutions": "positive", "tokens": "positive", "channels": "positive",
     "heads": "positive", "iters": "positive", "threads": "nonneg", "workers": "nonneg",
     "save_every_steps": "nonneg", "log_interval": "nonneg", "mutations": "nonneg", "crossovers": "nonneg",
-    "random_archs": "nonneg", "warmup": "nonneg",
+    "random_archs": "nonneg", "warmup": "nonneg", "max_pixels": "positive",
     # rates and schedules
     "lr": "nonneg", "min_lr": "nonneg", "warmup_lr": "nonneg", "weight_decay": "nonneg", "warmup_epochs": "nonneg",
     "choice_warmup_epochs": "nonneg", "clip_grad": "nonneg", "mixup_alpha": "nonneg", "cutmix_alpha": "nonneg",

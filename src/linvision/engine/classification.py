@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from PIL import UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from .. import _compat  # noqa: F401  (before timm/torchvision)
@@ -31,8 +31,8 @@ from timm.data import Mixup, resolve_data_config  # noqa: E402
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
 from timm.utils import random_seed  # noqa: E402
 
-from ..data import (IMAGE_ERRORS, ImageFolder, build_eval_loader, build_train_loader, build_transforms,  # noqa: E402
-                    holdout_split, is_small_image_dataset, load_rgb, resolve_data_root, split_dir,
+from ..data import (IMAGE_ERRORS, DeclaredSizeError, ImageFolder, build_eval_loader,  # noqa: E402
+                    build_train_loader, build_transforms, holdout_split, is_small_image_dataset, load_rgb, resolve_data_root, split_dir,
                     validation_split_dir)
 from ..distributed import DistInfo, all_gather_object, cleanup_distributed, init_distributed  # noqa: E402
 from ..errors import LinvisionError  # noqa: E402
@@ -203,6 +203,7 @@ def predict(model: torch.nn.Module, config: dict[str, Any], image_paths: Sequenc
             tensors.append(tf(img))
         except IMAGE_ERRORS as e:
             why = ("not an image (PIL cannot identify its format)" if isinstance(e, UnidentifiedImageError) else
+                   str(e) if isinstance(e, (DeclaredSizeError, Image.DecompressionBombError)) else
                    f"corrupt or truncated image file ({e})")
             raise LinvisionError(f"cannot decode image {p}: {why}") from None
         if min(img.size) < size:
