@@ -101,6 +101,13 @@ def test_search_takes_the_lock_too(tmp_path, capsys, holder):
     assert rc == 2 and f"(PID {p.pid})" in err and len(err.strip().splitlines()) == 1
 
 
+def test_supernet_train_takes_the_lock_too(tmp_path, capsys, holder):
+    p = holder(tmp_path / "sn")
+    rc, _, err = run(capsys, "supernet", "train", "--space", "demo", "--epochs", "1", "--output", tmp_path / "sn")
+    assert rc == 2 and f"--output {tmp_path / 'sn'} is in use by another linvision process (PID {p.pid})" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_disk_full_during_an_epoch_checkpoint_keeps_config_and_state_in_agreement(tiny_data, tmp_path, capsys,
                                                                                    monkeypatch):
     out = tmp_path / "run"
