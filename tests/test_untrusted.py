@@ -56,6 +56,9 @@ def one_line(capsys, *argv):
     ({"drop_path_rate": float("nan")}, "model_args.drop_path_rate must be a number in [0.0, 1.0]"),
     ({"patch_size": 0}, "model_args.patch_size must be an integer in [1, 1024], got 0"),
     ({"arch": {"dims": [8]}}, "model_args 'arch' not allowed for test_vrwkv"),
+    ({"post_norm": "yes"}, "model_args.post_norm must be a boolean, got 'yes'"),
+    ({"depth": 10 ** 6}, "model_args.depth must be an integer in [1, 256], got 1000000"),
+    ({"mode": "chunk"}, "model_args 'mode' not allowed for test_vrwkv"),
 ])
 def test_model_args_outside_the_allow_list_or_range(ckpt, trained, capsys, monkeypatch, args, needle):
     edit_config(ckpt, **args)
@@ -65,6 +68,12 @@ def test_model_args_outside_the_allow_list_or_range(ckpt, trained, capsys, monke
     msg = one_line(capsys, "predict", "--checkpoint", ckpt, trained / "red.png")
     assert needle in msg and "config.json" in msg, msg
     assert called == []  # refused before anything is built
+
+
+def test_family_settings_are_built_on_meta_and_checked_by_the_model(ckpt, trained, capsys):
+    edit_config(ckpt, wkv_variant="/etc/passwd")
+    msg = one_line(capsys, "predict", "--checkpoint", ckpt, trained / "red.png")
+    assert "cannot build test_vrwkv from" in msg and "wkv_variant" in msg, msg
 
 
 def test_model_args_not_an_object(ckpt, trained, capsys):

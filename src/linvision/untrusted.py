@@ -28,8 +28,23 @@ MODEL_ARG_LIMITS: dict[str, tuple[str, float, float]] = {
     "drop_path_rate": ("float", 0.0, 1.0),
     "in_chans": ("int", 1, 64),
 }
+# architecture settings of linvision's own families (the weights' header must still match what they build)
+_OWN = {"embed_dim": ("int", 1, 8192), "depth": ("int", 1, 256), "init_values": ("optfloat", 0.0, 10.0),
+        "drop_rate": ("float", 0.0, 1.0), "global_pool": ("str", 0, 0)}
+MODEL_ARG_LIMITS.update(_OWN)
+MODEL_ARG_LIMITS.update({
+    "wkv_variant": ("str", 0, 0), "post_norm": ("bool", 0, 0), "key_norm": ("bool", 0, 0),
+    "shift_pixel": ("int", 0, 16), "hidden_rate": ("int", 1, 64), "num_heads": ("int", 1, 256),
+    "mlp_ratio": ("float", 0.0, 64.0), "retention_norm": ("bool", 0, 0), "mode": ("str", 0, 0),
+    "chunk_size": ("optint", 1, 1 << 20), "pos_drop_rate": ("float", 0.0, 1.0), "proj_drop_rate": ("float", 0.0, 1.0)})
+_COMMON = ("num_classes", "img_size", "patch_size", "drop_path_rate", "in_chans")
 # extra keys of a family (model-name substring -> keys)
-_FAMILY_KEYS: dict[str, tuple[str, ...]] = {"resnas": ("arch",)}
+_FAMILY_KEYS: dict[str, tuple[str, ...]] = {
+    "resnas": ("arch",),
+    "vrwkv": (*_OWN, "wkv_variant", "post_norm", "key_norm", "shift_pixel", "hidden_rate"),
+    "vir": (*_OWN, "num_heads", "mlp_ratio", "retention_norm", "mode", "chunk_size", "pos_drop_rate",
+            "proj_drop_rate"),
+}
 _ARCH_MAX_BLOCKS, _ARCH_MAX_WIDTH = 1024, 65_536
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -39,7 +54,7 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 
 def _allowed(model: str) -> tuple[str, ...]:
     extra = tuple(k for fam, keys in _FAMILY_KEYS.items() if fam in model for k in keys)
-    return (*MODEL_ARG_LIMITS, *extra)
+    return tuple(dict.fromkeys((*_COMMON, *extra)))
 
 
 def _check_arch(value: Any, where: str) -> None:
@@ -85,6 +100,14 @@ def check_model_args(model: str, model_args: Any, where: str | Path) -> dict[str
             _check_arch(v, str(where))
             continue
         kind, lo, hi = MODEL_ARG_LIMITS[k]
+        if kind in ("optfloat", "optint") and v is None:
+            continue
+        if kind in ("bool", "str"):  # a str is checked by the model itself (choices), never used as a path
+            if not isinstance(v, bool if kind == "bool" else str) or (kind == "str" and len(v) > 64):
+                what = "boolean" if kind == "bool" else "short string"
+                raise LinvisionError(f"{where}: model_args.{k} must be a {what}, got {v!r}")
+            continue
+        kind = {"optfloat": "float", "optint": "int"}.get(kind, kind)
         values = v if kind == "size" and isinstance(v, list) and len(v) == 2 else [v]
         ok = all((isinstance(x, int) or (kind == "float" and isinstance(x, float) and math.isfinite(x)))
                  and not isinstance(x, bool) and lo <= x <= hi for x in values)
