@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from linvision import data as D
+from linvision import decode_limits as L
 from linvision.errors import LinvisionError
 from linvision.stream import NpySource, PILSource
 
@@ -33,7 +34,8 @@ def _oriented_jpeg(path):
 
 KINDS = {
     "png-rgb": lambda p: _image("RGB").save(p), "png-palette": lambda p: _image("P").save(p),
-    "png-palette-transparency": lambda p: _image("P").save(p, transparency=2), "png-rgba": lambda p: _image("RGBA").save(p),
+    "png-palette-transparency": lambda p: _image("P").save(p, transparency=2),
+    "png-rgba": lambda p: _image("RGBA").save(p),
     "png-la": lambda p: _image("LA").save(p), "png-16bit": lambda p: _image("I;16").save(p),
     "jpeg": lambda p: _image("RGB").save(p), "jpeg-exif-rotated": _oriented_jpeg,
     "bmp-rgb": lambda p: _image("RGB").save(p), "bmp-palette": lambda p: _image("P").save(p),
@@ -108,10 +110,11 @@ def test_truncated_tiff_strips_are_refused_when_opened(tmp_path):
 
 def test_pixel_cap_and_its_flag(tmp_path, monkeypatch):
     Image.new("RGB", (40, 40), (1, 2, 3)).save(tmp_path / "a.png")
-    monkeypatch.setattr(D, "MAX_PIXELS", 1000)
+    monkeypatch.setattr(L, "MAX_PIXELS", 1000)
     with pytest.raises(D.DeclaredSizeError, match="declares 40x40 = 1600 px, over the pixel cap of 1000"):
         D.load_rgb(tmp_path / "a.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    monkeypatch.setattr(L, "MAX_PIXELS", L.MAX_PIXELS)
     D.set_max_pixels(2000)
     assert D.load_rgb(tmp_path / "a.png").size == (40, 40)
 

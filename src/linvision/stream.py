@@ -149,7 +149,7 @@ _NPY_DTYPES = ("u1", "u2", "f2", "f4", "f8")
 
 
 def _check_aspect(w: int, h: int, path) -> None:
-    from .data import MAX_ASPECT
+    from .decode_limits import MAX_ASPECT
     if max(w, h) > MAX_ASPECT * min(w, h):
         raise LinvisionError(f"{path}: {w}x{h} px is an extreme aspect ratio ({max(w, h) / min(w, h):.0f}:1, more "
                              f"than {MAX_ASPECT}:1); refused")

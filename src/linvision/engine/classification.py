@@ -32,7 +32,8 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa
 from timm.utils import random_seed  # noqa: E402
 
 from ..data import (IMAGE_ERRORS, DeclaredSizeError, ImageFolder, build_eval_loader,  # noqa: E402
-                    build_train_loader, build_transforms, holdout_split, is_small_image_dataset, load_rgb, resolve_data_root, split_dir,
+                    build_train_loader, build_transforms, holdout_split, is_small_image_dataset, load_rgb,
+                    resolve_data_root, split_dir,
                     validation_split_dir)
 from ..distributed import DistInfo, all_gather_object, cleanup_distributed, init_distributed  # noqa: E402
 from ..errors import LinvisionError  # noqa: E402

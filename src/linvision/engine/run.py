@@ -34,7 +34,8 @@ from ..plots import atomic_write_png, new_figure
 from ..distributed import DistInfo
 from ..errors import LinvisionError
 
-__all__ = ["RunFolder", "FolderLock", "release_run_locks", "LOCK_FILE", "Panel", "write_metrics_csv", "plot_curves", "json_ready"]
+__all__ = ["RunFolder", "FolderLock", "release_run_locks", "LOCK_FILE", "Panel", "write_metrics_csv", "plot_curves",
+           "json_ready"]
 
 _log = logging.getLogger("linvision")
 
@@ -205,9 +206,9 @@ class RunFolder:
             if self.state is not None:
                 check_locked_args(resume, self.state["args"], args, locked)
                 if self.state.get("world_size", 1) != di.world_size:
-                    raise LinvisionError(f"cannot resume {resume} with {di.world_size} process(es): it was trained with "
-                                         f"{self.state.get('world_size', 1)} (the global batch and data order depend on "
-                                         "it)")
+                    raise LinvisionError(f"cannot resume {resume} with {di.world_size} process(es): it was trained "
+                                         f"with {self.state.get('world_size', 1)} (the global batch and data order "
+                                         "depend on it)")
                 if missing := [k for k in REQUIRED_STATE_KEYS if k not in self.state]:
                     raise LinvisionError(f"cannot resume from {self.out / STATE_FILE}: it lacks {', '.join(missing)}")
             elif (self.out / STATE_FILE).exists():
