@@ -25,18 +25,22 @@ from . import _compat  # noqa: F401  (before timm/torchvision)
 import timm  # noqa: E402
 
 from .errors import LinvisionError  # noqa: E402
+from .untrusted import check_finite, check_header, check_model_args  # noqa: E402
 
 __all__ = ["MODEL_FILE", "CONFIG_FILE", "STATE_FILE", "atomic_write", "save_model", "load_model", "load_config",
            "load_state_dict", "check_state_dict", "save_train_state", "load_train_state", "get_rng_states",
-           "set_rng_states", "remove_stale_temp_files", "timm_config_fields"]
+           "set_rng_states", "remove_stale_temp_files", "timm_config_fields", "stage_write", "commit_staged",
+           "save_files", "model_files", "train_state_bytes"]
 
 MODEL_FILE, CONFIG_FILE, STATE_FILE = "model.safetensors", "config.json", "train_state.pt"
 _UMASK = os.umask(0o22)
 os.umask(_UMASK)
 
 
-def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically and durably (temp file + fsync + ``os.replace`` + folder fsync)."""
+def stage_write(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` durably to a temporary file next to ``path`` (``.NAME.*.tmp``, flushed and fsynced) and
+    return it; :func:`commit_staged` renames it into place. A failed write (e.g. ``ENOSPC``) removes the temporary
+    file and re-raises the ``OSError``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -46,15 +50,35 @@ def atomic_write(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    return Path(tmp)
+
+
+def commit_staged(staged: Sequence[tuple[Path, Path]]) -> None:
+    """Rename each staged ``(temp file, path)`` into place, in the given order (the last one is the commit
+    point), then fsync the folders. Renames allocate no data blocks, so a full disk fails in :func:`stage_write`,
+    before anything is replaced."""
+    for tmp, path in staged:
+        os.replace(tmp, path)
+    for folder in dict.fromkeys(Path(path).parent for _, path in staged):
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def discard_staged(staged: Sequence[tuple[Path, Path]]) -> None:
+    """Remove staged temporary files that will not be committed."""
+    for tmp, _ in staged:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably (temp file + fsync + ``os.replace`` + folder fsync)."""
+    commit_staged([(stage_write(path, data), Path(path))])
 
 
 def remove_stale_temp_files(directory: str | Path, names: tuple[str, ...] = ()) -> list[Path]:
@@ -82,23 +106,44 @@ def _tensors_for_save(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return out
 
 
+def model_files(model: torch.nn.Module, config: dict[str, Any]) -> tuple[bytes, bytes]:
+    """The bytes of ``model.safetensors`` and ``config.json`` for ``model`` and ``config`` (see
+    :func:`save_model`)."""
+    weights = save(_tensors_for_save(model.state_dict()), metadata={"format": "pt"})
+    if timm.is_model(str(config.get("model", ""))):  # a timm-registered model (not e.g. the NAS super-network)
+        config = {**timm_config_fields(model, config), **config}
+    return weights, (json.dumps(config, indent=2, sort_keys=False) + "\n").encode()
+
+
+def save_files(directory: str | Path, files: Sequence[tuple[str, bytes]]) -> None:
+    """Write several files of ``directory`` as one commit: all are staged (written + fsynced to temp files)
+    first, then renamed in order; the last one is the commit point. A write error (full disk, ...) replaces
+    nothing."""
+    directory, staged = Path(directory), []
+    try:
+        for name, data in files:
+            staged.append((stage_write(directory / name, data), directory / name))
+    except BaseException:
+        discard_staged(staged)
+        raise
+    commit_staged(staged)
+
+
 def save_model(directory: str | Path, model: torch.nn.Module, config: dict[str, Any]) -> None:
     """Write ``directory/model.safetensors`` (the model's ``state_dict``) and ``directory/config.json``.
 
     ``config`` must be JSON-serializable and hold at least ``model`` (timm name) and ``model_args`` (keyword
     arguments for ``timm.create_model``, e.g. ``num_classes``, ``img_size``, ``patch_size``); the trainer also
     stores ``class_names`` and ``data_config`` (``mean``, ``std``, ``input_size``, ``crop_pct``,
-    ``interpolation``). The weights are written first, so a config always describes weights at least as new.
+    ``interpolation``). Both are staged before either is replaced and ``config.json`` is renamed last (the commit
+    point), so a config always describes weights at least as new and a full disk replaces neither.
 
     For a timm-registered model the config also gets the fields of timm's pretrained-config format
     (:func:`timm_config_fields`; keys already in ``config`` win), so the folder loads with
     ``timm.create_model("local-dir:DIR", pretrained=True)`` as well.
     """
-    directory = Path(directory)
-    atomic_write(directory / MODEL_FILE, save(_tensors_for_save(model.state_dict()), metadata={"format": "pt"}))
-    if timm.is_model(str(config.get("model", ""))):  # a timm-registered model (not e.g. the NAS super-network)
-        config = {**timm_config_fields(model, config), **config}
-    atomic_write(directory / CONFIG_FILE, (json.dumps(config, indent=2, sort_keys=False) + "\n").encode())
+    weights, cfg = model_files(model, config)
+    save_files(directory, [(MODEL_FILE, weights), (CONFIG_FILE, cfg)])
 
 
 def timm_config_fields(model: torch.nn.Module, config: dict[str, Any]) -> dict[str, Any]:
@@ -189,12 +234,17 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild a model from a checkpoint folder (or its ``model.safetensors`` / ``config.json``).
 
-    Creates ``timm.create_model(config["model"], **config["model_args"])`` (``pretrained=False``, nothing is
-    downloaded), loads the weights strictly and returns ``(model.eval(), config)``.
+    The folder is untrusted input: ``model_args`` must pass :func:`linvision.untrusted.check_model_args` (an
+    allow-list of keys per family, values range-checked); the model is first built on the ``meta`` device and its
+    tensor names, shapes and dtypes compared with the safetensors header (:func:`~linvision.untrusted.check_header`)
+    before any real allocation; weights holding NaN/Inf are refused. Then
+    ``timm.create_model(config["model"], **config["model_args"])`` (``pretrained=False``, nothing is downloaded)
+    gets the weights strictly; returns ``(model.eval(), config)``.
 
     Raises:
-        LinvisionError: missing files, invalid safetensors, unknown model name, or weights that do not match the
-        model (the message names the file and the offending keys).
+        LinvisionError: missing files, invalid safetensors, unknown model name, ``model_args`` outside the
+        allow-list or range, weights that do not match the model (names, shapes or dtypes; the message names the
+        file and the offending keys), or non-finite weights.
     """
     p = Path(path).expanduser()
     directory = _checkpoint_dir(p)
@@ -204,14 +254,25 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[to
     if not timm.is_model(config["model"]):
         raise LinvisionError(f"checkpoint {directory / CONFIG_FILE} names unknown model {config['model']!r}")
     weights = p if p.is_file() and p.suffix == ".safetensors" else directory / MODEL_FILE
+    model_args = check_model_args(config["model"], config.get("model_args"), directory / CONFIG_FILE)
+    with torch.device("meta"):  # shapes and dtypes only: nothing is allocated before the header agrees
+        meta = _build(config["model"], model_args, directory)
+    check_header(meta.state_dict(), weights, type(meta).__name__)
+    del meta
     state_dict = load_state_dict(weights)
-    try:
-        model = timm.create_model(config["model"], pretrained=False, **config.get("model_args", {}))
-    except (TypeError, ValueError, AssertionError) as e:
-        raise LinvisionError(f"cannot build {config['model']} from {directory / CONFIG_FILE}: {e}") from None
+    check_finite(state_dict, weights)
+    model = _build(config["model"], model_args, directory)
     check_state_dict(model, state_dict, weights)
     model.load_state_dict(state_dict, strict=True)
     return model.to(device).eval(), config
+
+
+def _build(name: str, model_args: dict[str, Any], directory: Path) -> torch.nn.Module:
+    try:
+        return timm.create_model(name, pretrained=False, **model_args)
+    except (TypeError, ValueError, AssertionError, RuntimeError, NotImplementedError) as e:
+        text = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise LinvisionError(f"cannot build {name} from {directory / CONFIG_FILE}: {text}") from None
 
 
 # --------------------------------------------------------------------------------------------------- train state
@@ -246,9 +307,14 @@ def save_train_state(directory: str | Path, state: dict[str, Any]) -> None:
     ``torch.load(weights_only=True)`` accepts): optimizer/scheduler/EMA state dicts, epoch, step, RNG states
     (:func:`get_rng_states`), best metric, the run's arguments as a dict, metrics history.
     """
+    atomic_write(Path(directory) / STATE_FILE, train_state_bytes(state))
+
+
+def train_state_bytes(state: dict[str, Any]) -> bytes:
+    """``state`` serialized with ``torch.save`` (the bytes of ``train_state.pt``)."""
     buf = io.BytesIO()
     torch.save(state, buf)
-    atomic_write(Path(directory) / STATE_FILE, buf.getvalue())
+    return buf.getvalue()
 
 
 def load_train_state(directory: str | Path) -> dict[str, Any]:

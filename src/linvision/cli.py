@@ -9,9 +9,9 @@ traceback instead); progress bars and logs go to stderr, results to stdout.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch CPU threads (default: all cores; under torchrun: shared by the node's processes)")
     common.add_argument("--workers", type=int, default=argparse.SUPPRESS,
                         help="data-loader worker processes (default: min(2, cores))")
+    common.add_argument("--max-pixels", type=int, default=argparse.SUPPRESS, metavar="N",
+                        help="largest image (width x height) decoded whole; larger ones are refused as possible "
+                             "decompression bombs (default: PIL's limit, about 89.5 million)")
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="linvision", formatter_class=fmt,
@@ -228,16 +231,10 @@ def train_args(given: dict[str, Any]) -> argparse.Namespace:
 
 
 def _positive(given: dict[str, Any]) -> None:
-    """One-line errors for numeric ``train`` options out of range (argparse only checks the type)."""
-    for k in ("epochs", "batch_size", "img_size", "patch_size", "lr_base_size", "train_subset", "max_steps"):
-        if given.get(k) is not None and given[k] <= 0:
-            raise LinvisionError(f"--{k.replace('_', '-')} must be positive (got {given[k]})")
-    for k in ("save_every_steps", "workers", "threads", "warmup_epochs", "clip_grad", "val_split", "log_interval"):
-        if given.get(k) is not None and given[k] < 0:
-            raise LinvisionError(f"--{k.replace('_', '-')} must not be negative (got {given[k]})")
-    for k in ("lr", "min_lr", "warmup_lr", "weight_decay", "warmup_epochs", "clip_grad", "drop_path"):
-        if given.get(k) is not None and not math.isfinite(given[k]):
-            raise LinvisionError(f"--{k.replace('_', '-')} must be a finite number (got {given[k]})")
+    """One-line errors for numeric options out of range (argparse only checks the type): see
+    :func:`linvision.options.check_options`, which ``main`` applies to every command."""
+    from .options import check_options
+    check_options(given)
 
 
 def _cmd_train(ns: argparse.Namespace) -> int:
@@ -247,7 +244,9 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     if given.get("arch"):
         from .nas.cli import arch_train_args
         given = arch_train_args(given)
-    summary = train(train_args(given))
+    args = train_args(given)
+    _positive(vars(args))  # also the stored arguments of a resumed run
+    summary = train(args)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     t = summary["test"]
@@ -310,6 +309,18 @@ class _StderrHandler(logging.StreamHandler):
     stream = property(lambda self: sys.stderr, lambda self, value: None)
 
 
+def _error_text(e: BaseException) -> str:
+    """The one-line message for an error ``main`` reports: a :class:`LinvisionError` as is; an ``OSError`` (full
+    disk, permission denied, ...) as its ``strerror`` and file name; a ``MemoryError`` with a hint."""
+    if isinstance(e, LinvisionError):
+        return str(e)
+    if isinstance(e, MemoryError):
+        return f"out of memory{': ' + str(e) if str(e) else ''} (try a smaller --batch-size or input size)"
+    where = f": {e.filename}" if getattr(e, "filename", None) else ""
+    hint = " (the disk is full; free space and --resume)" if e.errno == errno.ENOSPC else ""
+    return f"{e.strerror or e}{where}{hint}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``linvision`` / ``python -m linvision``; returns the exit status (0 ok, 2 user error,
     130 interrupted)."""
@@ -326,11 +337,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not debug:
         warnings.formatwarning = lambda msg, cat, *a, **k: f"linvision: warning: {msg}\n"
     try:
+        _positive({k: v for k, v in vars(ns).items() if k not in ("func", "command")})
+        if getattr(ns, "max_pixels", None):
+            from .data import set_max_pixels
+            set_max_pixels(ns.max_pixels)
         return ns.func(ns)
-    except LinvisionError as e:
+    except (LinvisionError, OSError, MemoryError) as e:
         if debug:
             raise
-        msg = user_message(e)  # always one line, also when raised in a DataLoader worker
+        msg = user_message(e) if isinstance(e, LinvisionError) else _error_text(e)  # always one line
         rank = int(os.environ.get("RANK", "0"))
         print(f"linvision: error: {f'[rank {rank}] ' if rank else ''}{msg}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import json
 import logging
 import os
 import random
@@ -36,11 +37,13 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transf
 from timm.data.transforms import str_to_interp_mode  # noqa: E402
 from torchvision import transforms as T  # noqa: E402
 
-from .errors import LinvisionError  # noqa: E402
+from .errors import LinvisionError
+from .decode_limits import DeclaredSizeError, check_declared_size, set_max_pixels  # noqa: E402,F401
 
 __all__ = [
     "IMG_EXTENSIONS", "IMAGE_ERRORS", "EMBEDDED_ARCHIVE", "ImageFolder", "SeededSampler", "resolve_data_root",
-    "split_dir", "extract_archive", "cache_dir", "load_rgb", "to_rgb", "is_small_image_dataset", "build_transforms",
+    "split_dir", "extract_archive", "cache_dir", "load_rgb", "to_rgb", "check_declared_size", "set_max_pixels",
+    "DeclaredSizeError", "is_small_image_dataset", "build_transforms",
     "build_train_loader", "build_eval_loader", "build_loaders", "collate_skip_none", "default_workers",
     "stratified_subset", "holdout_split", "validation_split_dir",
 ]
@@ -68,23 +71,73 @@ def _strip_archive_suffix(name: str) -> str:
     return next((name[: -len(s)] for s in ARCHIVE_SUFFIXES if name.lower().endswith(s)), name)
 
 
+# caps on what one archive may expand to (raise them with these environment variables)
+MAX_EXTRACT_BYTES = int(float(os.environ.get("LINVISION_MAX_EXTRACT_GB", "200")) * 2 ** 30)
+MAX_EXTRACT_FILES = int(os.environ.get("LINVISION_MAX_EXTRACT_FILES", "5000000"))
+
+
+def archive_digest(archive: Path) -> str:
+    """SHA-256 of the archive's bytes (the cache key). Memoized in ``cache_dir()/.digests.json`` under the file's
+    path, size, mtime, ctime and inode: replacing the file (even with the same size and mtime) changes its ctime
+    or inode, so its content is hashed again."""
+    st = archive.stat()
+    ident = f"{archive}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_dev}|{st.st_ino}"
+    memo_file = cache_dir() / ".digests.json"
+    try:
+        memo = json.loads(memo_file.read_text())
+        memo = memo if isinstance(memo, dict) else {}
+    except (OSError, ValueError):
+        memo = {}
+    if isinstance(memo.get(ident), str):
+        return memo[ident]
+    h = hashlib.sha256()
+    with open(archive, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    digest = h.hexdigest()
+    memo = {k: v for k, v in memo.items() if not k.startswith(f"{archive}|")}  # one entry per path
+    memo[ident] = digest
+    try:
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".digests.", dir=memo_file.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(memo, f)
+        os.replace(tmp, memo_file)
+    except OSError:
+        pass  # only a memo
+    return digest
+
+
+def _check_members(tf: tarfile.TarFile, archive: Path) -> None:
+    size = count = 0
+    for m in tf:
+        count += 1
+        size += max(m.size, 0) if m.isfile() else 0
+        if count > MAX_EXTRACT_FILES or size > MAX_EXTRACT_BYTES:
+            what = (f"more than {MAX_EXTRACT_FILES} files" if count > MAX_EXTRACT_FILES else
+                    f"more than {MAX_EXTRACT_BYTES / 2 ** 30:.4g} GiB")
+            raise LinvisionError(f"archive {archive} expands to {what}; refused (raise LINVISION_MAX_EXTRACT_FILES / "
+                                 "LINVISION_MAX_EXTRACT_GB if this is intended, or extract it yourself)")
+
+
 def extract_archive(archive: str | Path) -> Path:
     """Extract a tar archive once into ``cache_dir()/<name>-<hash>`` and return that folder.
 
-    The hash covers the archive's absolute path, size and mtime, so a changed archive is extracted afresh.
-    Extraction goes to a temporary sibling folder that is renamed into place only when complete, so an
-    interrupted extraction never leaves a half-filled cache. Members are extracted with tarfile's ``data``
-    filter (no absolute paths, no ``..``, no device files).
+    The hash is the SHA-256 of the archive's content (:func:`archive_digest`), so an archive replaced by another
+    is extracted afresh even with the same path, size and mtime. The members are listed first: an archive
+    expanding to more than ``MAX_EXTRACT_FILES`` files or ``MAX_EXTRACT_BYTES`` bytes is refused
+    (``$LINVISION_MAX_EXTRACT_FILES`` / ``$LINVISION_MAX_EXTRACT_GB``). Extraction goes to a temporary sibling
+    folder that is renamed into place only when complete, so an interrupted extraction never leaves a half-filled
+    cache. Members are extracted with tarfile's ``data`` filter (no absolute paths, no ``..``, no device files).
 
     Raises:
-        LinvisionError: the archive is missing, corrupt or cannot be extracted.
+        LinvisionError: the archive is missing, corrupt, over the caps or cannot be extracted.
     """
     archive = Path(archive).expanduser().resolve()
     try:
-        st = archive.stat()
+        key = archive_digest(archive)[:16]
     except OSError as e:
         raise LinvisionError(f"cannot read archive {archive}: {e.strerror or e}") from None
-    key = hashlib.sha256(f"{archive}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
     dest = cache_dir() / f"{_strip_archive_suffix(archive.name)}-{key}"
     if dest.is_dir():
         return dest
@@ -96,6 +149,7 @@ def extract_archive(archive: str | Path) -> Path:
     _log.info("extracting %s to %s (once)", archive, dest)
     try:
         with tarfile.open(archive, "r:*") as tf:
+            _check_members(tf, archive)
             tf.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
         try:
             os.rename(tmp, dest)
@@ -176,9 +230,11 @@ def load_rgb(path: str | Path) -> Image.Image:
 
     Raises:
         OSError / ValueError / SyntaxError / PIL.Image.DecompressionBombError: the file cannot be decoded
-        (truncated, corrupt, not an image).
+        (truncated, corrupt, not an image); :class:`DeclaredSizeError` (a ValueError): its declared size is refused
+        before decoding (see :func:`check_declared_size`).
     """
     with Image.open(path) as im:
+        check_declared_size(im, path)
         im.load()
         return to_rgb(ImageOps.exif_transpose(im))
 
@@ -231,8 +287,16 @@ class ImageFolder(Dataset):
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.samples: list[tuple[str, int]] = []
         self.skipped: list[str] = []
+        self.repeated: list[str] = []
+        seen: set[tuple[int, int]] = set()  # (st_dev, st_ino) of every folder walked: links cannot loop
         for c in found:
             for dirpath, dirnames, filenames in os.walk(root / c, followlinks=True):
+                st = os.stat(dirpath)
+                if (st.st_dev, st.st_ino) in seen:  # a link back up (loop) or to a folder already walked
+                    dirnames[:] = []
+                    self.repeated.append(dirpath)
+                    continue
+                seen.add((st.st_dev, st.st_ino))
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 for f in sorted(f for f in filenames if not f.startswith(".")):
                     p = os.path.join(dirpath, f)
@@ -240,6 +304,9 @@ class ImageFolder(Dataset):
                         self.samples.append((p, self.class_to_idx[c]))
                     else:
                         self.skipped.append(p)
+        if self.repeated:
+            warnings.warn(f"skipped {len(self.repeated)} folder(s) reached again through symbolic links (a loop or "
+                          f"a second link to the same folder), e.g. {self.repeated[0]}", stacklevel=2)
         if self.skipped:
             warnings.warn(f"skipped {len(self.skipped)} non-image file(s) in {root}, e.g. {self.skipped[0]}",
                           stacklevel=2)

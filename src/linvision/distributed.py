@@ -102,9 +102,11 @@ def cleanup_distributed(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable[[Any, DistInfo], Any], args: Any, device: str | None = None) -> Any:
+def run_distributed(fn: Callable[[Any, DistInfo], Any], args: Any, device: str | None = None,
+                    on_exit: Callable[[], Any] | None = None) -> Any:
     """``fn(args, info)`` inside :func:`init_distributed` / :func:`cleanup_distributed` (also on errors), with the
-    ``linvision`` logger of every rank but rank 0 lowered to warnings — the frame of every training entry point
+    ``linvision`` logger of every rank but rank 0 lowered to warnings, and ``on_exit()`` (e.g. releasing the run
+    folder's lock) called before the process group goes — the frame of every training entry point
     (``linvision train``, ``supernet train``, ``segment train``)."""
     info = init_distributed(device)
     log = logging.getLogger("linvision")
@@ -115,7 +117,11 @@ def run_distributed(fn: Callable[[Any, DistInfo], Any], args: Any, device: str |
         return fn(args, info)
     finally:
         log.setLevel(level)
-        cleanup_distributed(info)
+        try:
+            if on_exit is not None:
+                on_exit()
+        finally:
+            cleanup_distributed(info)
 
 
 def all_reduce_sum(values: Sequence[float] | torch.Tensor, info: DistInfo) -> torch.Tensor:

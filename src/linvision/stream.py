@@ -111,9 +111,21 @@ class NpySource(RowSource):
         if fortran or len(shape) not in (2, 3) or dtype.hasobject:
             raise LinvisionError(f"{self.path}: expected a C-order [H, W] or [H, W, C] array, got shape {shape} "
                                  f"{'(Fortran order) ' if fortran else ''}dtype {dtype}")
-        self.shape, self.dtype = tuple(shape), dtype
-        self.height, self.width = int(shape[0]), int(shape[1])
-        self.row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
+        if dtype.str.lstrip("<|=") not in _NPY_DTYPES:
+            raise LinvisionError(f"{self.path}: unsupported dtype {dtype} (streamable: uint8, uint16 [0, 255] / "
+                                 "[0, 65535] pixels, or float16/32/64 already-normalized input; native byte order)")
+        if len(shape) == 3 and shape[2] not in (1, 3, 4):
+            raise LinvisionError(f"{self.path}: {shape[2]} channels; expected 1 (gray), 3 (RGB) or 4 (RGBA)")
+        self.shape, self.dtype = tuple(int(x) for x in shape), dtype
+        self.height, self.width = self.shape[0], self.shape[1]
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * dtype.itemsize
+        size = os.path.getsize(self.path)
+        if min(self.height, self.width) < 1 or self.offset + self.height * self.row_bytes > size:
+            dims = "x".join(map(str, self.shape))
+            raise LinvisionError(f"{self.path}: header declares {dims} {dtype} "
+                                 f"({self.height * self.row_bytes} bytes) but the file holds {size - self.offset}; "
+                                 "truncated or a lying header")
+        _check_aspect(self.width, self.height, self.path)
         self._fd = os.open(self.path, os.O_RDONLY)
 
     def read_rows(self, r0: int, r1: int) -> np.ndarray:
@@ -133,6 +145,16 @@ class NpySource(RowSource):
             self.close()
 
 
+_NPY_DTYPES = ("u1", "u2", "f2", "f4", "f8")
+
+
+def _check_aspect(w: int, h: int, path) -> None:
+    from .decode_limits import MAX_ASPECT
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise LinvisionError(f"{path}: {w}x{h} px is an extreme aspect ratio ({max(w, h) / min(w, h):.0f}:1, more "
+                             f"than {MAX_ASPECT}:1); refused")
+
+
 _RAW_BYTES = {"L": 1, "P": 1, "I;8": 1, "RGB": 3, "BGR": 3, "YCbCr": 3, "RGBA": 4, "RGBX": 4, "BGRX": 4,
               "RGBa": 4, "CMYK": 4, "LA": 2, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
 
@@ -141,28 +163,69 @@ class PILSource(RowSource):
     """An image file opened lazily with PIL, converted to 8-bit RGB strip by strip (as ``linvision.data.to_rgb``).
 
     Files whose pixel data PIL describes as uncompressed ``raw`` strips spanning the full width (PPM/PGM, BMP,
-    uncompressed TIFF) are read strip by strip from the file; anything else is decoded whole once (a warning
-    says so) — PIL cannot decode JPEG/PNG partially.
+    uncompressed TIFF) are read strip by strip from the file (palette and palette transparency kept); anything
+    else, and any file with an EXIF orientation, is decoded whole once exactly as ``linvision predict`` decodes it
+    (:func:`linvision.data.load_rgb`: EXIF orientation applied; a warning says so) — PIL cannot decode JPEG/PNG
+    partially. Declared sizes are checked before anything is allocated: strips against the file size, whole
+    decodes with :func:`linvision.data.check_declared_size` (pixel cap, file size); extreme aspect ratios are
+    refused. PIL's own pixel limit stays on (it is lifted only while opening the file).
 
     Raises:
-        LinvisionError: the file is missing or not an image.
+        LinvisionError: the file is missing or not an image, or its declared size is refused (the reason).
     """
 
     def __init__(self, path: Union[str, Path]):
         self.path = Path(path)
         if not self.path.is_file():
             raise LinvisionError(f"image not found: {self.path}")
-        Image.MAX_IMAGE_PIXELS = None  # the point of streaming is huge images; it is the user's own file
-        try:
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # only for opening: the header is checked
+        try:  # below, and strip-read files never hold more than one strip in memory
             self.image = Image.open(self.path)
         except (OSError, SyntaxError, ValueError) as e:
             raise LinvisionError(f"cannot decode image {self.path}: {e}") from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
         self.width, self.height = self.image.size
+        _check_aspect(self.width, self.height, self.path)
         self.tiles = self._raw_strips(self.image)
         self._decoded: Optional[np.ndarray] = None
-        if self.tiles is None:
-            _log.warning("%s: %s cannot be decoded by strips; decoding it whole (%.0f MiB as 8-bit RGB)",
-                         self.path, self.image.format, self.width * self.height * 3 / 2 ** 20)
+        if self.tiles is not None:
+            size = self.path.stat().st_size
+            if any(off + (y1 - y0) * stride > size for y0, y1, off, _, stride, _ in self.tiles):
+                raise LinvisionError(f"cannot decode image {self.path}: its header declares {self.width}x"
+                                     f"{self.height} px that the file ({size} bytes) does not hold (truncated or a "
+                                     "lying header)")
+        oriented = False
+        if self.tiles is None or self.image.format == "TIFF":
+            from .data import check_declared_size
+            try:
+                # before getexif, which may decode (PNG); strips need no pixel cap (one strip at a time)
+                check_declared_size(self.image, self.path, 0 if self.tiles else None)
+                oriented = self.image.getexif().get(0x0112, 1) not in (1, None)  # then decode as predict does
+                if oriented and self.tiles:  # decoded whole after all
+                    check_declared_size(self.image, self.path)
+            except (ValueError, OSError, SyntaxError) as e:
+                raise LinvisionError(f"cannot decode image {self.path}: {e}") from None
+        if oriented or self.tiles is None:
+            self.tiles = None
+            _log.warning("%s: %s cannot be decoded by strips%s; decoding it whole (%.0f MiB as 8-bit RGB)",
+                         self.path, self.image.format, " (EXIF orientation)" if oriented else "",
+                         self.width * self.height * 3 / 2 ** 20)
+            if oriented:  # predict's decode: rotated / flipped, so width and height may swap
+                self._decode()
+                self.height, self.width = self._decoded.shape[:2]
+
+    def _decode(self) -> np.ndarray:
+        from PIL import ImageOps
+
+        from .data import to_rgb
+        if self._decoded is None:
+            try:
+                self.image.load()
+                self._decoded = np.asarray(to_rgb(ImageOps.exif_transpose(self.image)))
+            except (OSError, SyntaxError, ValueError, MemoryError) as e:
+                raise LinvisionError(f"cannot decode image {self.path}: {e or type(e).__name__}") from None
+        return self._decoded
 
     @staticmethod
     def _raw_strips(im: Image.Image):
@@ -180,12 +243,7 @@ class PILSource(RowSource):
     def read_rows(self, r0: int, r1: int) -> np.ndarray:
         from .data import to_rgb
         if self.tiles is None:
-            if self._decoded is None:
-                try:
-                    self._decoded = np.asarray(to_rgb(self.image))
-                except (OSError, SyntaxError, ValueError) as e:
-                    raise LinvisionError(f"cannot decode image {self.path}: {e}") from None
-            return self._decoded[r0:r1]
+            return self._decode()[r0:r1]
         parts = []
         with open(self.path, "rb") as f:
             for y0, y1, offset, rawmode, stride, orient in self.tiles:
@@ -198,6 +256,10 @@ class PILSource(RowSource):
                 if len(data) != (b - a) * stride:
                     raise LinvisionError(f"cannot decode image {self.path}: file is truncated")
                 strip = Image.frombuffer(self.image.mode, (self.width, b - a), data, "raw", rawmode, stride, orient)
+                if self.image.mode in ("P", "PA"):  # the palette (and its transparency) travel with the strip
+                    strip.putpalette(self.image.getpalette(), self.image.palette.mode)
+                    if "transparency" in self.image.info:
+                        strip.info["transparency"] = self.image.info["transparency"]
                 parts.append(np.asarray(to_rgb(strip)))
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 

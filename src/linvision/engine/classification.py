@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from PIL import UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from .. import _compat  # noqa: F401  (before timm/torchvision)
@@ -31,13 +31,14 @@ from timm.data import Mixup, resolve_data_config  # noqa: E402
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
 from timm.utils import random_seed  # noqa: E402
 
-from ..data import (IMAGE_ERRORS, ImageFolder, build_eval_loader, build_train_loader, build_transforms,  # noqa: E402
-                    holdout_split, is_small_image_dataset, load_rgb, resolve_data_root, split_dir,
+from ..data import (IMAGE_ERRORS, DeclaredSizeError, ImageFolder, build_eval_loader,  # noqa: E402
+                    build_train_loader, build_transforms, holdout_split, is_small_image_dataset, load_rgb,
+                    resolve_data_root, split_dir,
                     validation_split_dir)
 from ..distributed import DistInfo, all_gather_object, run_distributed  # noqa: E402
 from ..errors import LinvisionError  # noqa: E402
 from .loop import LoopConfig, StepInfo, Trainer, build_trainer, fit, progress_enabled  # noqa: E402
-from .run import Panel, RunFolder  # noqa: E402
+from .run import Panel, RunFolder, release_run_locks  # noqa: E402
 
 __all__ = ["setup_threads", "check_model_name", "create_model", "model_data_config", "evaluate", "predict", "train",
            "ClassificationTask", "RESUME_LOCKED_ARGS", "METRIC_FIELDS"]
@@ -203,6 +204,7 @@ def predict(model: torch.nn.Module, config: dict[str, Any], image_paths: Sequenc
             tensors.append(tf(img))
         except IMAGE_ERRORS as e:
             why = ("not an image (PIL cannot identify its format)" if isinstance(e, UnidentifiedImageError) else
+                   str(e) if isinstance(e, (DeclaredSizeError, Image.DecompressionBombError)) else
                    f"corrupt or truncated image file ({e})")
             raise LinvisionError(f"cannot decode image {p}: {why}") from None
         if min(img.size) < size:
@@ -302,7 +304,7 @@ def train(args: Namespace) -> dict[str, Any]:
         number of processes differ, an output folder that already holds another run or cannot be written, or a
         non-finite loss / gradient norm / weights (names the step; the last good checkpoint stays).
     """
-    return run_distributed(_train, args, getattr(args, "device", None))
+    return run_distributed(_train, args, getattr(args, "device", None), on_exit=release_run_locks)
 
 
 def _data(args: Namespace, di: DistInfo, data_config: dict[str, Any]

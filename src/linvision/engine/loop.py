@@ -164,13 +164,15 @@ def _nonfinite(trainer: Trainer, run: RunFolder, what: str, value: float, epoch:
 
 
 def _save_state(trainer: Trainer, run: RunFolder, epoch_done: int, batch_in_epoch: int,
-                stats: dict[str, Any] | None) -> None:
-    """train_state.pt (a collective: every rank's RNG state and epoch statistics go in; rank 0 writes)."""
+                stats: dict[str, Any] | None, model: tuple[torch.nn.Module, dict[str, Any]] | None = None) -> None:
+    """train_state.pt (a collective: every rank's RNG state and epoch statistics go in; rank 0 writes); with
+    ``model`` = (module, config) also model.safetensors + config.json, all three as one commit."""
     if not _all_finite(trainer.model):
         raise LinvisionError(f"non-finite weights after step {trainer.step}; training stopped, not saved; the last "
                              f"good checkpoint ({trainer.last_ckpt or 'none'}) is kept in {run.out}. Try a lower --lr")
     ranks = all_gather_object({"rng": get_rng_states(), "stats": stats}, trainer.di)
-    run.save_state({
+    save = run.save_state if model is None else (lambda state: run.save_epoch(*model, state))
+    save({
         "model": trainer.model.state_dict(), "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
         "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
         "scaler": trainer.scaler.state_dict(), "epoch": epoch_done, "step": trainer.step,
@@ -374,8 +376,8 @@ def _end_epoch(task: Task, trainer: Trainer, run: RunFolder, loader: Any, epoch:
     kept = trainer.ema.module if which == "ema" else trainer.model
     if not _all_finite(kept):
         raise _nonfinite(trainer, run, "weights", float("nan"), epoch, at=trainer.step)
-    run.save_model(kept, task.model_config(epoch + 1, trainer.step, which, metrics, choice))
-    _save_state(trainer, run, epoch + 1, 0, None)
+    config = task.model_config(epoch + 1, trainer.step, which, metrics, choice)
+    _save_state(trainer, run, epoch + 1, 0, None, (kept, config))
     run.write_history(trainer.history, task.metric_fields, task.panels, task.title)
     if di.is_main:
         h = trainer.history[-1]

@@ -44,7 +44,7 @@ from ..segmentation import (SegCollate, SegMeta, SegmentationDataset, Segmentati
 from ..segmentation.dataset import SPLIT_NAMES  # noqa: E402
 from .classification import check_model_name, setup_threads  # noqa: E402
 from .loop import LoopConfig, StepInfo, Trainer, build_trainer, fit, progress_enabled  # noqa: E402
-from .run import Panel, RunFolder  # noqa: E402
+from .run import Panel, RunFolder, release_run_locks  # noqa: E402
 
 __all__ = ["SegmentationTask", "train", "build_seg_model", "load_seg_model", "evaluate_segmentation",
            "predict_segmentation", "SEG_RESUME_LOCKED_ARGS", "SEG_METRIC_FIELDS", "TASK"]
@@ -402,7 +402,7 @@ def train(args: Namespace) -> dict[str, Any]:
         (:data:`SEG_RESUME_LOCKED_ARGS`) or number of processes differ, an output folder holding another run, a
         backbone checkpoint that does not fit, or a non-finite loss / weights.
     """
-    return run_distributed(_train, args, getattr(args, "device", None))
+    return run_distributed(_train, args, getattr(args, "device", None), on_exit=release_run_locks)
 
 
 def _train(args: Namespace, di: DistInfo) -> dict[str, Any]:

@@ -118,7 +118,7 @@ class VisionRWKV(nn.Module):
                                       output_fmt="NHWC", dynamic_img_pad=True)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, embed_dim))
         self.norm_pre = nn.LayerNorm(embed_dim)  # official layers[0].ln0
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # also under a meta-device build
         block_fn = block_fn or (lambda i, dp: VRWKVBlock(embed_dim, hidden_rate * embed_dim, i, depth, dp, init_values,
                                                          post_norm, key_norm, shift_pixel, wkv_fn))
         self.blocks = nn.ModuleList([block_fn(i, dpr[i]) for i in range(depth)])

@@ -138,16 +138,20 @@ def _cmd_search(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..errors import LinvisionError
-    from .search import SETTINGS_FILE, run_search
+    from ..options import check_options
+    from .search import parse_macs, read_settings, run_search
     given = {k: v for k, v in vars(ns).items() if k not in ("func", "command", "debug")}
     merged = dict(SEARCH_DEFAULTS)
     if given.get("resume"):
-        f = Path(given["resume"]) / SETTINGS_FILE
-        if not f.is_file():
-            raise LinvisionError(f"cannot resume: no {SETTINGS_FILE} in {given['resume']}")
-        merged.update(json.loads(f.read_text()))
+        merged.update(read_settings(given["resume"]))
         merged["output"] = given["resume"]
     merged.update(given)
+    check_options(merged)  # also the stored settings of a resumed search
+    if merged.get("macs") is not None:
+        try:
+            parse_macs(merged["macs"])
+        except ValueError as e:
+            raise LinvisionError(f"--macs: {e}") from None
     if merged["output"] is None:
         merged["output"] = str(Path("runs") / f"search-{time.strftime('%Y%m%d-%H%M%S')}")
     r = run_search(argparse.Namespace(**merged))

@@ -42,11 +42,28 @@ from .macs import analytic_macs
 from .space import SearchSpace
 
 __all__ = ["EvolutionarySearch", "LatencyModel", "HISTORY_FIELDS", "read_history", "pareto_front", "plot_search",
-           "parse_macs"]
+           "parse_macs", "read_settings"]
 
 _log = logging.getLogger("linvision")
 Arch = Dict[str, Any]
 HISTORY_FIELDS = ("iteration", "index", "origin", "macs", "latency_ms", "top1", "loss", "arch")
+
+
+def read_settings(folder: str | Path) -> Dict[str, Any]:
+    """The settings (``search.json``) of the search in ``folder``.
+
+    Raises:
+        LinvisionError: no such file, unreadable, not JSON, or not a JSON object (one line naming the file)."""
+    f = Path(folder) / SETTINGS_FILE
+    if not f.is_file():
+        raise LinvisionError(f"cannot resume: no {SETTINGS_FILE} in {folder}")
+    try:
+        old = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise LinvisionError(f"cannot resume: {f} is not readable JSON ({e})") from None
+    if not isinstance(old, dict):
+        raise LinvisionError(f"cannot resume: {f} is not a search settings object")
+    return old
 
 
 def parse_macs(text: str | float) -> float:
@@ -57,8 +74,8 @@ def parse_macs(text: str | float) -> float:
         v = float(s[:-1] if scale != 1 else s) * scale
     except ValueError:
         raise ValueError(f"cannot read a MACs value from {text!r} (e.g. 1.79G, 850M, 2e9)") from None
-    if v <= 0:
-        raise ValueError(f"a MACs budget must be positive, got {text!r}")
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"a MACs budget must be a positive finite number, got {text!r}")
     return v
 
 
@@ -451,20 +468,28 @@ def run_search(args) -> Dict[str, Any]:
 
     Raises:
         LinvisionError: bad arguments, missing super-network, an infeasible constraint, or a resume with
-        different locked settings.
+        different locked settings, or an output folder another process is using (see
+        :class:`~linvision.engine.run.FolderLock`).
     """
+    from ..engine.run import FolderLock
+    di = init_distributed(None)
+    out = Path(args.output or args.resume)
+    lock = FolderLock(out, "--output" if args.output else "--resume") if di.is_main else None
+    try:
+        return _run_search(args, di, out)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_search(args, di, out: Path) -> Dict[str, Any]:
     from ..engine import evaluate as evaluate_classifier, progress_enabled, setup_threads
     from .train import load_supernet
-    di = init_distributed(None)
     device = di.device
     setup_threads(args.threads)
-    out = Path(args.output or args.resume)
     settings = {k: getattr(args, k) for k in SEARCH_DEFAULTS if k not in ("output", "resume", "threads", "workers")}
     if args.resume:
-        f = Path(args.resume) / SETTINGS_FILE
-        if not f.is_file():
-            raise LinvisionError(f"cannot resume: no {SETTINGS_FILE} in {args.resume}")
-        old = json.loads(f.read_text())
+        old = read_settings(args.resume)
         check_locked_args(args.resume, old, settings, SEARCH_LOCKED)
     elif (out / HISTORY_FILE).exists():
         raise LinvisionError(f"output folder {out} already holds a search; continue it with --resume {out} "

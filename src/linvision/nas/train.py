@@ -28,7 +28,7 @@ from ..data import (ImageFolder, build_eval_loader, build_train_loader, holdout_
 from ..distributed import DistInfo, run_distributed  # noqa: E402
 from ..engine import evaluate, model_data_config, setup_threads  # noqa: E402
 from ..engine.loop import LoopConfig, StepInfo, Trainer, build_trainer, fit  # noqa: E402
-from ..engine.run import Panel, RunFolder  # noqa: E402
+from ..engine.run import Panel, RunFolder, release_run_locks  # noqa: E402
 from ..errors import LinvisionError  # noqa: E402
 from .space import get_space  # noqa: E402
 from .supernet import ResNASSuperNet  # noqa: E402
@@ -177,7 +177,7 @@ def train_supernet(args: Namespace) -> Dict[str, Any]:
         LinvisionError: bad data/space/arguments, a resume with different locked arguments or number of
         processes, an output folder holding another run, or a non-finite loss (the last good checkpoint stays).
     """
-    return run_distributed(_train_supernet, args)
+    return run_distributed(_train_supernet, args, on_exit=release_run_locks)
 
 
 def _train_supernet(args: Namespace, di: DistInfo) -> Dict[str, Any]:
