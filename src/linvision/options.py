@@ -36,6 +36,8 @@ RULES: dict[str, str] = {
     "heads": "positive", "iters": "positive", "threads": "nonneg", "workers": "nonneg",
     "save_every_steps": "nonneg", "log_interval": "nonneg", "mutations": "nonneg", "crossovers": "nonneg",
     "random_archs": "nonneg", "warmup": "nonneg", "max_pixels": "positive",
+    "base_size": "positive", "crop_size": "positive", "decoder_channels": "positive", "eval_batch_size": "positive",
+    "pyramid_channels": "positive", "scale_range": "positive", "stride": "positive", "window": "positive",
     # rates and schedules
     "lr": "nonneg", "min_lr": "nonneg", "warmup_lr": "nonneg", "weight_decay": "nonneg", "warmup_epochs": "nonneg",
     "choice_warmup_epochs": "nonneg", "clip_grad": "nonneg", "mixup_alpha": "nonneg", "cutmix_alpha": "nonneg",

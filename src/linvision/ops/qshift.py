@@ -133,7 +133,9 @@ def q_shift_lerp(x: torch.Tensor, mix: torch.Tensor, grid: Tuple[int, int], shif
         shift: Q-Shift distance in patches (>= 1).
 
     Returns:
-        ``[n, B, T, C]`` in x's dtype (differentiable in x and mix).
+        ``[n, B, T, C]`` in x's dtype (differentiable in x and mix). The custom op (and its compiled CPU kernel)
+        runs only when the compiled CPU path is on (``LINVISION_BIWKV_CPU``, see :func:`~linvision.ops.biwkv.cpu_kernel`);
+        otherwise plain tensor ops, which ``torch.export``/ONNX take as they are.
 
     Raises:
         ValueError: grid does not match T, or mix is not ``[n, C]``.
@@ -144,4 +146,7 @@ def q_shift_lerp(x: torch.Tensor, mix: torch.Tensor, grid: Tuple[int, int], shif
         raise ValueError(f"q_shift: grid {grid} does not match T={T}")
     if mix.dim() != 2 or mix.shape[1] != C:
         raise ValueError(f"q_shift_lerp: mix must be [n, C={C}], got {tuple(mix.shape)}")
+    from .biwkv import cpu_kernel
+    if x.device.type != "cpu" or cpu_kernel() == "torch":  # plain tensor ops: exportable, as before the kernel
+        return _q_shift_lerp_torch(x, mix.to(x.dtype), int(H), int(W), int(shift))
     return torch.ops.linvision.q_shift_lerp(x, mix.to(x.dtype), int(H), int(W), int(shift))
