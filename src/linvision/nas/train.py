@@ -30,7 +30,8 @@ from ..engine import evaluate, model_data_config, setup_threads  # noqa: E402
 from ..engine.loop import LoopConfig, StepInfo, Trainer, build_trainer, fit  # noqa: E402
 from ..engine.run import Panel, RunFolder, release_run_locks  # noqa: E402
 from ..errors import LinvisionError  # noqa: E402
-from .space import get_space  # noqa: E402
+from ..untrusted import check_finite, check_header  # noqa: E402
+from .space import SPACES, get_space  # noqa: E402
 from .supernet import ResNASSuperNet  # noqa: E402
 
 __all__ = ["SUPERNET_DEFAULTS", "train_supernet", "load_supernet", "holdout_split", "SupernetTask"]
@@ -85,8 +86,25 @@ def load_supernet(path: str | Path, device: str | torch.device = "cpu") -> Tuple
     if not config.get("supernet"):
         raise LinvisionError(f"{path} does not hold a super-network (train one with `linvision supernet train`)")
     d = Path(path) if Path(path).is_dir() else Path(path).parent
+    space, img, k = config.get("space"), config.get("img_size"), config.get("num_classes")
+    # the folder is input: a space by name or as a dict (never a file path), sizes typed and ranged, then the
+    # network is built on the meta device and compared with the weights' header before any allocation
+    if not (isinstance(space, dict) or (isinstance(space, str) and space in SPACES)):
+        raise LinvisionError(f"{d / 'config.json'}: space must be one of {', '.join(SPACES)} or a space object, "
+                             f"got {space!r}")
+    if not (isinstance(img, int) and 56 <= img <= 8192 and img % 56 == 0):
+        raise LinvisionError(f"{d / 'config.json'}: img_size must be a multiple of 56 in [56, 8192], got {img!r}")
+    if not (isinstance(k, int) and 1 <= k <= 100_000):
+        raise LinvisionError(f"{d / 'config.json'}: num_classes must be an integer in [1, 100000], got {k!r}")
+    try:
+        with torch.device("meta"):
+            meta = ResNASSuperNet(get_space(space), img_size=img, num_classes=k)
+    except (TypeError, ValueError, KeyError) as e:
+        raise LinvisionError(f"{d / 'config.json'} does not describe a super-network: {e}") from None
+    check_header(meta.state_dict(), d / MODEL_FILE, "ResNASSuperNet")
     sd = load_state_dict(d / MODEL_FILE)
-    net = ResNASSuperNet(get_space(config["space"]), img_size=config["img_size"], num_classes=config["num_classes"])
+    check_finite(sd, d / MODEL_FILE)
+    net = ResNASSuperNet(get_space(space), img_size=img, num_classes=k)
     check_state_dict(net, sd, d / MODEL_FILE)
     net.load_state_dict(sd)
     return net.to(device).eval(), config
