@@ -180,3 +180,15 @@ def test_cli_export_onnx_and_pt2(tmp_path, capsys):
     with torch.no_grad():
         assert (ep.module()(x) - m(x)).abs().max() <= PARITY_TOL
     assert not list(tmp_path.glob(".*"))  # no temporary files or folders left
+
+
+@pytest.mark.parametrize("name", ["test_vrwkv", "test_vrwkv6", "test_vir"])
+def test_torch_export_graph_has_no_linvision_op(name):
+    """A fast guard (the ONNX parity tests are slow): torch.export of each family's default path succeeds and the
+    program holds no ``linvision::`` custom op (export_program raises if it does)."""
+    import timm
+    from linvision.export import export_program
+    model = timm.create_model(name, img_size=32, patch_size=8).eval()
+    ep = export_program(model, (32, 32), batch=1)
+    ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not any("linvision" in o for o in ops)
