@@ -166,6 +166,8 @@ PRESETS: Dict[str, Preset] = {
                   doc="ViR-T in each retention form against DeiT-T (the ViR issue's table)"),
     "vrwkv": Preset(("deit_tiny_patch16_224", "deit_small_patch16_224", "vrwkv_tiny", "vrwkv_small"),
                     (224, 512, 1024, 2048), doc="Vision-RWKV T/S against DeiT-T/S (the Bi-WKV issue's table)"),
+    "vrwkv6": Preset(("deit_tiny_patch16_224", "vrwkv_tiny", "vrwkv6_tiny", "deit_small_patch16_224", "vrwkv6_small"),
+                     (224, 512, 1024), doc="VRWKV6 T/S against Vision-RWKV-T and DeiT-T/S"),
 }
 
 
