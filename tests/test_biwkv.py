@@ -346,3 +346,21 @@ def test_cpu_kernel_follows_torch_threads(monkeypatch):
         assert numba.get_num_threads() == min(max(2, before), numba.config.NUMBA_NUM_THREADS)
     finally:
         torch.set_num_threads(before)
+
+
+def test_numba_imported_only_when_asked_for():
+    """With the default ``LINVISION_BIWKV_CPU=torch``, importing linvision and running Vision-RWKV forward and
+    backward on CPU never imports numba (whose OpenMP runtime would run beside torch's in every process)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, torch, linvision, timm\n"
+            "m = timm.create_model('test_vrwkv', img_size=32, patch_size=8)\n"
+            "m(torch.randn(2, 3, 32, 32)).sum().backward()\n"
+            "assert 'numba' not in sys.modules, 'numba imported'\n")
+    env = {k: v for k, v in os.environ.items() if k != "LINVISION_BIWKV_CPU"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -335,11 +335,13 @@ def cpu_kernel() -> str:
     Raises:
         ValueError: an unknown value, or ``numba`` requested but numba does not import.
     """
-    from . import biwkv_cpu
-
     choice = os.environ.get(CPU_KERNEL_ENV, "torch").strip().lower() or "torch"
     if choice not in CPU_KERNELS:
         raise ValueError(f"bi_wkv: environment variable {CPU_KERNEL_ENV} must be one of {CPU_KERNELS}, got {choice!r}")
+    if choice == "torch":  # numba (and its OpenMP runtime) is imported only when asked for
+        return choice
+    from . import biwkv_cpu
+
     if choice == "numba" and not biwkv_cpu.available():
         raise ValueError(f"bi_wkv: {CPU_KERNEL_ENV}=numba but numba does not import ({biwkv_cpu.import_error()}); "
                          "pip install numba, or unset it")

@@ -22,8 +22,6 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-from . import biwkv_cpu
-
 __all__ = ["q_shift_ref", "q_shift_lerp"]
 
 
@@ -50,37 +48,6 @@ def _q_shift_lerp_torch(x: torch.Tensor, mix: torch.Tensor, H: int, W: int, shif
     return torch.stack([torch.lerp(xx, x, m) for m in mix.unbind(0)])
 
 
-if biwkv_cpu.available():
-    from numba import njit, prange
-
-    @njit(cache=True, inline="always")
-    def _lerp_seg(x, mix, out, b, t, src, c0, c1):  # pragma: no cover - compiled
-        if src < 0:  # zero border: s = 0
-            for i in range(mix.shape[0]):
-                for c in range(c0, c1):
-                    e, m = x[b, t, c], mix[i, c]
-                    out[i, b, t, c] = m * e if abs(m) < 0.5 else e - e * (1 - m)
-        else:
-            for i in range(mix.shape[0]):
-                for c in range(c0, c1):
-                    e, s, m = x[b, t, c], x[b, src, c], mix[i, c]
-                    out[i, b, t, c] = s + m * (e - s) if abs(m) < 0.5 else e - (e - s) * (1 - m)
-
-    @njit(parallel=True, cache=True, fastmath=False)
-    def _q_shift_lerp_kernel(x, mix, out, H, W, s):  # pragma: no cover - compiled
-        B, T, C = x.shape
-        q = C // 4
-        for job in prange(B * H):
-            b, h = job // H, job % H
-            for w in range(W):
-                t = h * W + w
-                _lerp_seg(x, mix, out, b, t, t - s if w >= s else -1, 0, q)
-                _lerp_seg(x, mix, out, b, t, t + s if w + s < W else -1, q, 2 * q)
-                _lerp_seg(x, mix, out, b, t, t - s * W if h >= s else -1, 2 * q, 3 * q)
-                _lerp_seg(x, mix, out, b, t, t + s * W if h + s < H else -1, 3 * q, 4 * q)
-                _lerp_seg(x, mix, out, b, t, t, 4 * q, C)
-
-
 @torch.library.custom_op("linvision::q_shift_lerp", mutates_args=())
 def _q_shift_lerp_op(x: torch.Tensor, mix: torch.Tensor, H: int, W: int, shift: int) -> torch.Tensor:
     """``[n, B, T, C]``: ``lerp(q_shift(x), x, mix[i])`` for each row of ``mix [n, C]``."""
@@ -93,10 +60,12 @@ def _(x, mix, H, W, shift):
 
     if cpu_kernel() == "torch" or x.dtype not in (torch.float32, torch.float64) or mix.dtype != x.dtype:
         return _q_shift_lerp_torch(x, mix, H, W, shift)
+    from . import biwkv_cpu, qshift_cpu  # numba: imported on first use only
+
     x, mix = x.contiguous(), mix.contiguous()
     out = x.new_empty(mix.shape[0], *x.shape)
     biwkv_cpu.set_threads()
-    _q_shift_lerp_kernel(x.detach().numpy(), mix.detach().numpy(), out.numpy(), H, W, shift)
+    qshift_cpu.q_shift_lerp_kernel(x.detach().numpy(), mix.detach().numpy(), out.numpy(), H, W, shift)
     return out
 
 
