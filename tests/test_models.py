@@ -203,6 +203,19 @@ def test_shim_then_timm_imports_cleanly():
     assert res.stdout.strip() == "VisionRWKV"
 
 
+def test_compat_shim_is_imported_once_by_the_package():
+    """``linvision/__init__.py`` imports ``_compat`` before anything else; importing any submodule runs the package
+    first, so no other module imports it (and none needs ``# noqa: E402`` for it). A submodule imported first in a
+    fresh process (here the data module, which imports timm/torchvision) still works."""
+    from pathlib import Path
+    root = Path(linvision.__file__).parent
+    users = sorted(str(f.relative_to(root)) for f in root.rglob("*.py") if "import _compat" in f.read_text())
+    assert users == ["__init__.py"], users
+    res = subprocess.run([sys.executable, "-c", "import linvision.data, torchvision; print('ok')"],
+                         capture_output=True, text=True, env={**os.environ})
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
 @pytest.mark.parametrize("mode", ["chunkwise", "recurrent"])
 def test_vir_modes_give_the_same_logits(mode):
     """vir_tiny at 224² (197 tokens; chunk 64 does not divide it): every retention form, run chunk by chunk

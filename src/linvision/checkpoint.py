@@ -21,11 +21,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from . import _compat  # noqa: F401  (before timm/torchvision)
-import timm  # noqa: E402
+import timm
 
-from .errors import LinvisionError  # noqa: E402
-from .untrusted import check_finite, check_header, check_model_args  # noqa: E402
+from .errors import LinvisionError
+from .untrusted import check_finite, check_header, check_model_args
 
 __all__ = ["MODEL_FILE", "CONFIG_FILE", "STATE_FILE", "atomic_write", "save_model", "load_model", "load_config",
            "load_state_dict", "check_state_dict", "save_train_state", "load_train_state", "get_rng_states",

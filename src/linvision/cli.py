@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+from .engine.recipe import AUTO_SHORT_MAX_STEPS, MIN_STEPS_PER_EPOCH, RECIPE_CHOICES
 from .errors import LinvisionError, user_message
 
 DEFAULT_MODEL = "vrwkv_tiny"
@@ -30,22 +31,23 @@ MAIN_JOB: dict[str, Any] = {
     "img_size": 32,
     "patch_size": 8,         # 4x4 tokens: 10 epochs fit in 10 minutes on 2 CPU cores
     "epochs": 10,
-    "batch_size": 128,       # per process; the global batch is batch_size x processes (torchrun)
-    "lr": 1e-3,
+    "recipe": "auto",        # auto | short | deit: see linvision/engine/recipe.py (short: <= 2000 optimizer steps)
+    "batch_size": None,      # per process; None: global 128, halved while an epoch has < 32 steps (recipe.py)
+    "lr": None,              # None: the recipe's (short 2e-3, deit 1e-3)
     "lr_base_size": 128,     # --lr is the peak lr at this global batch; scaled linearly with the global batch
     "min_lr": 1e-5,
     "warmup_lr": 1e-5,
-    "warmup_epochs": 2,
+    "warmup_epochs": None,   # None: min(recipe cap, 10% of the run's epochs)
     "weight_decay": 0.05,
     "opt": "adamw",
     "mixup": False,          # measured: deit_tiny p8, 15 epochs: 45.8% off vs 40.3% on
     "mixup_alpha": 0.8,
     "cutmix_alpha": 1.0,
-    "smoothing": 0.1,
+    "smoothing": None,       # None: the recipe's (0.1)
     "ema": True,
-    "ema_decay": 0.998,
+    "ema_decay": None,       # None: horizon 1/(1-decay) = 10% of the run's steps, in [0.9, 0.998]
     "clip_grad": 1.0,
-    "drop_path": 0.1,
+    "drop_path": None,       # None: the recipe's (short 0, deit 0.1)
     "auto_augment": None,
     "re_prob": 0.0,
     "workers": None,         # None: min(2, cpu_count)
@@ -136,27 +138,33 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--img-size", type=int, help=f"input resolution [{d['img_size']}]")
     t.add_argument("--patch-size", type=int, help=f"patch size for ViT-style models [{d['patch_size']}]")
     t.add_argument("--epochs", type=int, help=f"[{d['epochs']}]")
-    t.add_argument("--batch-size", type=int, help=f"images per step and process [{d['batch_size']}]")
-    t.add_argument("--lr", type=float, help=f"peak learning rate at a global batch of --lr-base-size [{d['lr']}]")
+    t.add_argument("--recipe", choices=RECIPE_CHOICES,
+                   help="training recipe for the options below marked [recipe]: short (small data, short runs: no "
+                        "drop path, peak lr 2e-3), deit (DeiT's regularisers, peak lr 1e-3), auto = short for runs "
+                        f"of at most {AUTO_SHORT_MAX_STEPS} optimizer steps, else deit [{d['recipe']}]")
+    t.add_argument("--batch-size", type=int, help="images per step and process [global 128, halved while an epoch "
+                                                   f"would have < {MIN_STEPS_PER_EPOCH} steps]")
+    t.add_argument("--lr", type=float, help="peak learning rate at a global batch of --lr-base-size [recipe]")
     t.add_argument("--lr-base-size", type=int, metavar="N",
                    help="global batch (--batch-size x processes) that --lr is meant for; the peak lr used is "
                         f"--lr x global batch / N (linear scaling) [{d['lr_base_size']}]")
     t.add_argument("--min-lr", type=float, help=f"final cosine learning rate [{d['min_lr']}]")
     t.add_argument("--warmup-lr", type=float, help=f"learning rate at step 0 [{d['warmup_lr']}]")
-    t.add_argument("--warmup-epochs", type=float, help=f"linear warmup epochs (may be fractional) [{d['warmup_epochs']}]")
+    t.add_argument("--warmup-epochs", type=float, help="linear warm-up epochs (may be fractional) [min(recipe cap: short 1, deit 2; 10%% of --epochs)]")
     t.add_argument("--weight-decay", type=float, help=f"[{d['weight_decay']}]")
     t.add_argument("--opt", help=f"timm optimizer name [{d['opt']}]")
     t.add_argument("--mixup", action=argparse.BooleanOptionalAction,
                    help=f"mixup + cutmix with soft-target loss [{'on' if d['mixup'] else 'off'}]")
     t.add_argument("--mixup-alpha", type=float, help=f"[{d['mixup_alpha']}]")
     t.add_argument("--cutmix-alpha", type=float, help=f"[{d['cutmix_alpha']}]")
-    t.add_argument("--smoothing", type=float, help=f"label smoothing [{d['smoothing']}]")
+    t.add_argument("--smoothing", type=float, help="label smoothing [recipe: 0.1]")
     t.add_argument("--ema", action=argparse.BooleanOptionalAction,
                    help="keep an EMA of the weights; the better of EMA/raw on the validation data is saved "
                         f"[{'on' if d['ema'] else 'off'}]")
-    t.add_argument("--ema-decay", type=float, help=f"[{d['ema_decay']}]")
+    t.add_argument("--ema-decay", type=float, help="EMA decay [1 - 1/H for a horizon H of 10%% of the run's "
+                                                    "optimizer steps, within 0.9 - 0.998]")
     t.add_argument("--clip-grad", type=float, help=f"gradient-norm clipping, 0 = off [{d['clip_grad']}]")
-    t.add_argument("--drop-path", type=float, help=f"stochastic depth rate [{d['drop_path']}]")
+    t.add_argument("--drop-path", type=float, help="stochastic depth rate [recipe: short 0, deit 0.1]")
     t.add_argument("--auto-augment", metavar="POLICY", help="timm auto-augment policy, e.g. rand-m9-mstd0.5 "
                                                             f"[{_fmt(d['auto_augment'])}]")
     t.add_argument("--re-prob", type=float, help=f"random-erasing probability [{d['re_prob']}]")

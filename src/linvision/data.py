@@ -32,10 +32,9 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from . import _compat  # noqa: F401  (before timm/torchvision)
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform  # noqa: E402
-from timm.data.transforms import str_to_interp_mode  # noqa: E402
-from torchvision import transforms as T  # noqa: E402
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data.transforms import str_to_interp_mode
+from torchvision import transforms as T
 
 from .errors import LinvisionError
 from .decode_limits import DeclaredSizeError, check_declared_size, set_max_pixels  # noqa: E402,F401

@@ -29,7 +29,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import _compat  # noqa: F401
 import timm
 from timm.layers import LayerNorm2d
 from segmentation_models_pytorch.base import SegmentationHead

@@ -397,7 +397,6 @@ def onnx_vs_eager_timing(model_name: str, img_size: int, batch: int = 1, repeats
     """
     import onnxruntime as ort
 
-    from . import _compat  # noqa: F401
     import timm
 
     if threads:

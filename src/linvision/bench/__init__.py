@@ -66,7 +66,6 @@ stdout and stderr are terminals, else one line per case on stderr.
 """
 from __future__ import annotations
 
-from .. import _compat  # noqa: F401  (before timm)
 from .cli import add_parser, cmd_bench
 from .measure import CUSTOM_FLOP_FORMULAS, count_flops, gemm_peak_gflops, machine_info, model_flops, step_flops
 from .report import markdown_table, ops_markdown_table, profile_markdown, write_results

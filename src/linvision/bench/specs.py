@@ -12,7 +12,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import _compat  # noqa: F401  (before timm)
 from ..errors import LinvisionError
 
 __all__ = ["Runner", "RUNNERS", "register_runner", "CaseSkip", "LazyImage", "ModelSpec", "parse_spec", "Preset",

@@ -25,20 +25,20 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from .. import _compat  # noqa: F401  (before timm/torchvision)
-import timm  # noqa: E402
-from timm.data import Mixup, resolve_data_config  # noqa: E402
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
-from timm.utils import random_seed  # noqa: E402
+import timm
+from timm.data import Mixup, resolve_data_config
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import random_seed
 
-from ..data import (IMAGE_ERRORS, DeclaredSizeError, ImageFolder, build_eval_loader,  # noqa: E402
+from ..data import (IMAGE_ERRORS, DeclaredSizeError, ImageFolder, build_eval_loader,
                     build_train_loader, build_transforms, holdout_split, is_small_image_dataset, load_rgb,
                     resolve_data_root, split_dir,
                     validation_split_dir)
-from ..distributed import DistInfo, all_gather_object, run_distributed  # noqa: E402
-from ..errors import LinvisionError  # noqa: E402
-from .loop import LoopConfig, StepInfo, Trainer, build_trainer, fit, progress_enabled  # noqa: E402
-from .run import Panel, RunFolder, release_run_locks  # noqa: E402
+from ..distributed import DistInfo, all_gather_object, run_distributed
+from ..errors import LinvisionError
+from .loop import LoopConfig, StepInfo, Trainer, build_trainer, fit, progress_enabled
+from .recipe import DERIVED_KEYS, default_batch_size, describe, resolve_schedule
+from .run import Panel, RunFolder, release_run_locks
 
 __all__ = ["setup_threads", "check_model_name", "create_model", "model_data_config", "evaluate", "predict", "train",
            "ClassificationTask", "RESUME_LOCKED_ARGS", "METRIC_FIELDS"]
@@ -320,9 +320,16 @@ def _data(args: Namespace, di: DistInfo, data_config: dict[str, Any]
         if val_dir is None and val_split:
             targets = ImageFolder(split_dir(root, "train")).targets
             train_idx, held = holdout_split(targets, val_split, args.seed, what="--val-split", min_per_class=True)
-        train_loader = build_train_loader(root, data_config, args.batch_size, seed=args.seed,
-                                          subset=args.train_subset, auto_augment=args.auto_augment,
-                                          re_prob=args.re_prob, indices=train_idx, **kw)
+
+        def train_loader_of(batch: int):
+            return build_train_loader(root, data_config, batch, seed=args.seed, subset=args.train_subset,
+                                      auto_augment=args.auto_augment, re_prob=args.re_prob, indices=train_idx, **kw)
+
+        train_loader = train_loader_of(args.batch_size or default_batch_size(1 << 30, di.world_size))
+        if args.batch_size is None:  # the default batch follows the data size (engine/recipe.py)
+            args.batch_size = default_batch_size(len(train_loader.sampler.indices), di.world_size)
+            if args.batch_size != train_loader.batch_size:
+                train_loader = train_loader_of(args.batch_size)
         classes = train_loader.dataset.classes
         test_loader = build_eval_loader(root, data_config, args.batch_size, classes=classes, **kw)
         val = None
@@ -350,6 +357,11 @@ def _train(args: Namespace, di: DistInfo) -> dict[str, Any]:
     root = resolve_data_root(args.data)
     data_config = model_data_config(args.model, args.img_size, is_small_image_dataset(root))
     train_loader, val, test_loader, classes, val_record = _data(args, di, data_config)
+    steps_per_epoch = len(train_loader)
+    schedule = resolve_schedule(vars(args), steps_per_epoch)  # recipe + run length -> lr, warm-up, EMA, ...
+    for k in DERIVED_KEYS:
+        setattr(args, k, schedule[k])
+    run.args["recipe"] = schedule["recipe"]  # a resumed (e.g. extended) run keeps the recipe auto chose
     random_seed(args.seed)
     model, model_args = create_model(args.model, len(classes), args.img_size, args.patch_size, args.drop_path,
                                      {"arch": args.arch} if getattr(args, "arch", None) else None)
@@ -362,7 +374,6 @@ def _train(args: Namespace, di: DistInfo) -> dict[str, Any]:
     global_batch = args.batch_size * di.world_size
     lr_base = getattr(args, "lr_base_size", None) or global_batch
     lr = args.lr if global_batch == lr_base else args.lr * global_batch / lr_base
-    steps_per_epoch = len(train_loader)
     trainer = build_trainer(model, di, steps_per_epoch=steps_per_epoch, epochs=args.epochs, opt=args.opt, lr=lr,
                             weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                             warmup_lr=args.warmup_lr, min_lr=args.min_lr,
@@ -372,7 +383,8 @@ def _train(args: Namespace, di: DistInfo) -> dict[str, Any]:
     criterion = (SoftTargetCrossEntropy() if mixup else LabelSmoothingCrossEntropy(args.smoothing)
                  if args.smoothing > 0 else torch.nn.CrossEntropyLoss())
     config = {"model": args.model, "model_args": model_args, "class_names": classes, "data_config": data_config,
-              "validation": val_record, "train_args": run.args}
+              "validation": val_record, "train_args": run.args,
+              "schedule": {**schedule, "batch_size": args.batch_size, "global_batch": global_batch, "peak_lr": lr}}
     task = ClassificationTask(criterion, mixup, config,
                               f"{args.model} on {Path(str(args.data)).name if args.data else 'cifar10_subset'}")
     n_params = sum(p.numel() for p in model.parameters())
@@ -384,6 +396,7 @@ def _train(args: Namespace, di: DistInfo) -> dict[str, Any]:
     _log.info("model choice: %s", f"{'raw/EMA' if args.ema else 'raw'} weights by top-1 on {val_record['n']} "
               f"validation images ({val_record['source']})" if val is not None else
               "no validation data (--val-split 0): " + ("EMA weights kept" if args.ema else "raw weights kept"))
+    _log.info("%s", describe(schedule, global_batch, ema=bool(args.ema)))
     if di.distributed or lr != args.lr:
         _log.info("%d process(es) on %s, global batch %d: peak lr %.4g (= --lr %g x %d / --lr-base-size %d)",
                   di.world_size, di.device.type, global_batch, lr, args.lr, global_batch, lr_base)

@@ -20,15 +20,14 @@ from typing import Any, Protocol, Sequence
 import torch
 from tqdm import tqdm
 
-from .. import _compat  # noqa: F401  (before timm)
-from timm.optim import create_optimizer_v2  # noqa: E402
-from timm.scheduler import create_scheduler_v2  # noqa: E402
-from timm.utils import ModelEmaV3, random_seed  # noqa: E402
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, random_seed
 
-from ..checkpoint import STATE_FILE, check_state_dict, get_rng_states, set_rng_states  # noqa: E402
-from ..distributed import DistInfo, all_gather_object, all_reduce_sum  # noqa: E402
-from ..errors import LinvisionError  # noqa: E402
-from .run import Panel, RunFolder  # noqa: E402
+from ..checkpoint import STATE_FILE, check_state_dict, get_rng_states, set_rng_states
+from ..distributed import DistInfo, all_gather_object, all_reduce_sum
+from ..errors import LinvisionError
+from .run import Panel, RunFolder
 
 __all__ = ["Task", "StepInfo", "Trainer", "LoopConfig", "build_trainer", "train_one_epoch", "fit",
            "progress_enabled"]

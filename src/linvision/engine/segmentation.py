@@ -28,23 +28,22 @@ from PIL import UnidentifiedImageError
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .. import _compat  # noqa: F401  (before timm/torchvision)
-import timm  # noqa: E402
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
-from timm.utils import distribute_bn, random_seed  # noqa: E402
+import timm
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.utils import distribute_bn, random_seed
 
-from ..checkpoint import MODEL_FILE, check_state_dict, load_config, load_state_dict  # noqa: E402
-from ..data import IMAGE_ERRORS, SeededSampler, default_workers, holdout_split, load_rgb  # noqa: E402
-from ..dense import DECODERS, create_segmentation_model  # noqa: E402
-from ..distributed import DistInfo, all_reduce_sum, run_distributed  # noqa: E402
-from ..errors import LinvisionError  # noqa: E402
-from ..segmentation import (SegCollate, SegMeta, SegmentationDataset, SegmentationMetrics,  # noqa: E402
+from ..checkpoint import MODEL_FILE, check_state_dict, load_config, load_state_dict
+from ..data import IMAGE_ERRORS, SeededSampler, default_workers, holdout_split, load_rgb
+from ..dense import DECODERS, create_segmentation_model
+from ..distributed import DistInfo, all_reduce_sum, run_distributed
+from ..errors import LinvisionError
+from ..segmentation import (SegCollate, SegMeta, SegmentationDataset, SegmentationMetrics,
                             build_seg_transform, default_palette, load_meta, predict_slide, predict_whole,
                             resolve_seg_root, save_color_mask, save_side_by_side)
-from ..segmentation.dataset import SPLIT_NAMES  # noqa: E402
-from .classification import check_model_name, setup_threads  # noqa: E402
-from .loop import LoopConfig, StepInfo, Trainer, build_trainer, fit, progress_enabled  # noqa: E402
-from .run import Panel, RunFolder, release_run_locks  # noqa: E402
+from ..segmentation.dataset import SPLIT_NAMES
+from .classification import check_model_name, setup_threads
+from .loop import LoopConfig, StepInfo, Trainer, build_trainer, fit, progress_enabled
+from .run import Panel, RunFolder, release_run_locks
 
 __all__ = ["SegmentationTask", "train", "build_seg_model", "load_seg_model", "evaluate_segmentation",
            "predict_segmentation", "SEG_RESUME_LOCKED_ARGS", "SEG_METRIC_FIELDS", "TASK"]

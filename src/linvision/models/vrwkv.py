@@ -26,7 +26,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .. import _compat  # noqa: F401
 from timm.layers import DropPath, LayerScale, PatchEmbed
 from timm.models import generate_default_cfgs, register_model
 

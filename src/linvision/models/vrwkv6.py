@@ -21,7 +21,6 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .. import _compat  # noqa: F401
 from timm.models import generate_default_cfgs, register_model
 
 from ..layers.rwkv6 import ChannelMixV6, SpatialMixV6

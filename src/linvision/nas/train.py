@@ -17,22 +17,21 @@ from typing import Any, Dict, Tuple
 
 import torch
 
-from .. import _compat  # noqa: F401
-import timm  # noqa: E402
-from timm.loss import LabelSmoothingCrossEntropy  # noqa: E402
-from timm.utils import random_seed  # noqa: E402
+import timm
+from timm.loss import LabelSmoothingCrossEntropy
+from timm.utils import random_seed
 
-from ..checkpoint import MODEL_FILE, check_state_dict, load_config, load_state_dict, load_train_state  # noqa: E402
-from ..data import (ImageFolder, build_eval_loader, build_train_loader, holdout_split,  # noqa: E402
+from ..checkpoint import MODEL_FILE, check_state_dict, load_config, load_state_dict, load_train_state
+from ..data import (ImageFolder, build_eval_loader, build_train_loader, holdout_split,
                     is_small_image_dataset, resolve_data_root, split_dir)
-from ..distributed import DistInfo, run_distributed  # noqa: E402
-from ..engine import evaluate, model_data_config, setup_threads  # noqa: E402
-from ..engine.loop import LoopConfig, StepInfo, Trainer, build_trainer, fit  # noqa: E402
-from ..engine.run import Panel, RunFolder, release_run_locks  # noqa: E402
-from ..errors import LinvisionError  # noqa: E402
-from ..untrusted import check_finite, check_header  # noqa: E402
-from .space import SPACES, get_space  # noqa: E402
-from .supernet import ResNASSuperNet  # noqa: E402
+from ..distributed import DistInfo, run_distributed
+from ..engine import evaluate, model_data_config, setup_threads
+from ..engine.loop import LoopConfig, StepInfo, Trainer, build_trainer, fit
+from ..engine.run import Panel, RunFolder, release_run_locks
+from ..errors import LinvisionError
+from ..untrusted import check_finite, check_header
+from .space import SPACES, get_space
+from .supernet import ResNASSuperNet
 
 __all__ = ["SUPERNET_DEFAULTS", "train_supernet", "load_supernet", "holdout_split", "SupernetTask"]
 

@@ -19,8 +19,7 @@ from typing import Any
 
 import torch
 
-from .. import _compat  # noqa: F401  (torchmetrics imports torchvision)
-from torchmetrics.classification import MulticlassConfusionMatrix  # noqa: E402
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 __all__ = ["SegmentationMetrics", "metrics_from_confusion"]
 

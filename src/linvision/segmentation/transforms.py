@@ -16,13 +16,12 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from .. import _compat  # noqa: F401  (before torchvision)
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
-from torchvision import tv_tensors  # noqa: E402
-from torchvision.transforms import v2  # noqa: E402
-from torchvision.transforms.v2 import functional as TF  # noqa: E402
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
-from .dataset import DEFAULT_IGNORE_INDEX  # noqa: E402
+from .dataset import DEFAULT_IGNORE_INDEX
 
 __all__ = ["RandomRescale", "SegTransform", "build_seg_transform"]
 

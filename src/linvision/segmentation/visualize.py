@@ -14,10 +14,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import _compat  # noqa: F401  (before timm)
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from ..checkpoint import atomic_write  # noqa: E402
+from ..checkpoint import atomic_write
 
 __all__ = ["default_palette", "colorize", "save_color_mask", "overlay", "save_side_by_side", "denormalize",
            "IGNORE_COLOR"]

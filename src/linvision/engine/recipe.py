@@ -1,0 +1,146 @@
+"""Training recipes and the schedule that follows from the run's length (``linvision train --recipe``).
+
+The defaults of ``linvision train`` used to be DeiT's long-schedule recipe (Touvron et al., arXiv 2012.12877:
+warm-up, drop path, EMA tuned for 300 epochs on ImageNet) whatever the run. On small data with a few epochs that
+wastes the run: the learning rate is still warming up when it ends, drop path regularises a model that has not
+fitted yet, and an EMA with decay 0.998 averages over ~500 steps, longer than the run. So the options that depend
+on the run's length are left unset (``None``) by default and derived here from the number of optimizer steps the
+run will take; an option given on the command line always wins.
+
+Recipes (``--recipe``):
+
+* ``deit``: DeiT's regularisers (drop path 0.1, label smoothing 0.1, weight decay 0.05, peak lr 1e-3 at batch 128),
+  warm-up ``min(2 epochs, 10 % of the run)``, EMA decay ``0.998`` capped to a horizon of 10 % of the run.
+* ``short``: for short runs on small data — no drop path, a higher peak lr, warm-up 10 % of the run (at most 1
+  epoch... see :data:`RECIPES`), EMA horizon 10 % of the run. Measured in the README (issue 15 table).
+* ``auto`` (default): ``short`` when the run takes at most :data:`AUTO_SHORT_MAX_STEPS` optimizer steps, else
+  ``deit``.
+
+Batch size (every recipe, when ``--batch-size`` is not given): 128 images per step (the global batch), halved
+while an epoch would have fewer than :data:`MIN_STEPS_PER_EPOCH` steps (down to 8), so a run on a few hundred
+images still takes enough optimizer steps; the peak lr follows by the linear scaling rule (``--lr-base-size``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+__all__ = ["Recipe", "RECIPES", "RECIPE_CHOICES", "AUTO_SHORT_MAX_STEPS", "MIN_STEPS_PER_EPOCH", "DERIVED_KEYS",
+           "default_batch_size", "choose_recipe", "resolve_schedule", "describe"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One recipe: fixed values plus the rules that scale with the run (fractions of its optimizer steps)."""
+
+    name: str
+    lr: float                 # peak lr at a global batch of --lr-base-size (128)
+    drop_path: float
+    smoothing: float
+    warmup_epochs_max: float  # warm-up = min(this, warmup_frac x epochs)
+    warmup_frac: float
+    ema_decay_max: float      # EMA decay = min(this, 1 - 1 / (ema_frac x run steps)), at least EMA_DECAY_MIN
+    ema_frac: float
+
+
+RECIPES: dict[str, Recipe] = {
+    "deit": Recipe("deit", lr=1e-3, drop_path=0.1, smoothing=0.1, warmup_epochs_max=2.0, warmup_frac=0.1,
+                   ema_decay_max=0.998, ema_frac=0.1),
+    "short": Recipe("short", lr=2e-3, drop_path=0.0, smoothing=0.1, warmup_epochs_max=1.0, warmup_frac=0.1,
+                    ema_decay_max=0.998, ema_frac=0.1),
+}
+RECIPE_CHOICES = ("auto", *RECIPES)
+AUTO_SHORT_MAX_STEPS = 2000   # auto: runs up to this many optimizer steps use "short"
+MIN_STEPS_PER_EPOCH = 32      # default batch: halved (from 128, down to 8) until an epoch has this many steps
+DEFAULT_GLOBAL_BATCH = 128
+EMA_DECAY_MIN = 0.9
+# The options a recipe or the run's length decides when left unset (None).
+DERIVED_KEYS = ("lr", "drop_path", "smoothing", "warmup_epochs", "ema_decay")
+
+
+def default_batch_size(n_train: int, world_size: int = 1) -> int:
+    """Per-process batch when ``--batch-size`` is not given: a global batch of 128 halved while
+    ``n_train // global_batch < MIN_STEPS_PER_EPOCH`` (not below 8 per process), divided by ``world_size``.
+
+    >>> default_batch_size(4750), default_batch_size(50000), default_batch_size(500), default_batch_size(4750, 4)
+    (128, 128, 8, 32)
+    """
+    world_size = max(1, int(world_size))
+    batch = DEFAULT_GLOBAL_BATCH
+    while batch > 8 * world_size and n_train // batch < MIN_STEPS_PER_EPOCH:
+        batch //= 2
+    return max(1, batch // world_size)
+
+
+def choose_recipe(name: str | None, total_steps: int) -> tuple[Recipe, str]:
+    """``(recipe, why)`` for ``--recipe name`` (``None`` = ``auto``) and a run of ``total_steps`` optimizer steps.
+
+    Raises:
+        ValueError: an unknown recipe name.
+    """
+    name = (name or "auto").lower()
+    if name == "auto":
+        short = total_steps <= AUTO_SHORT_MAX_STEPS
+        return RECIPES["short" if short else "deit"], (f"auto: {total_steps} optimizer steps "
+                                                       f"{'<=' if short else '>'} {AUTO_SHORT_MAX_STEPS}")
+    if name not in RECIPES:
+        raise ValueError(f"--recipe must be one of {RECIPE_CHOICES}, got {name!r}")
+    return RECIPES[name], "--recipe"
+
+
+def resolve_schedule(args: Mapping[str, Any], steps_per_epoch: int) -> dict[str, Any]:
+    """The values of :data:`DERIVED_KEYS` for this run: each given one (not ``None``) as it is, the others from
+    the recipe and the run's ``epochs x steps_per_epoch`` optimizer steps. Returns them plus ``recipe``,
+    ``recipe_reason``, ``total_steps``, ``warmup_steps``, ``ema_horizon_steps`` (``1 / (1 - decay)``) and
+    ``given`` (the keys the user set).
+
+    Warm-up: ``min(warmup_epochs_max, warmup_frac x epochs)`` epochs. EMA decay: ``1 - 1 / H`` with the horizon
+    ``H = ema_frac x total steps``, clamped to ``[0.9, ema_decay_max]``; timm's ``ModelEmaV3`` warm-up (decay
+    ``1 - (1 + step)^(-2/3)`` while smaller) still applies on top, as before.
+
+    >>> r = resolve_schedule({"recipe": "short", "epochs": 10}, 37)
+    >>> r["recipe"], r["warmup_epochs"], round(r["ema_decay"], 4), r["total_steps"]
+    ('short', 1.0, 0.973, 370)
+    """
+    epochs = int(args.get("epochs") or 1)
+    total = max(1, epochs * int(steps_per_epoch))
+    recipe, why = choose_recipe(args.get("recipe"), total)
+    given = [k for k in DERIVED_KEYS if args.get(k) is not None]
+    out: dict[str, Any] = {k: args[k] for k in given}
+    out.setdefault("lr", recipe.lr)
+    out.setdefault("drop_path", recipe.drop_path)
+    out.setdefault("smoothing", recipe.smoothing)
+    out.setdefault("warmup_epochs", min(recipe.warmup_epochs_max, recipe.warmup_frac * epochs))
+    if "ema_decay" not in out:
+        horizon = max(1.0, recipe.ema_frac * total)
+        out["ema_decay"] = min(recipe.ema_decay_max, max(EMA_DECAY_MIN, 1.0 - 1.0 / horizon))
+    out.update(recipe=recipe.name, recipe_reason=why, total_steps=total, given=given,
+               warmup_steps=int(round(out["warmup_epochs"] * steps_per_epoch)),
+               ema_horizon_steps=round(1.0 / max(1e-12, 1.0 - out["ema_decay"]), 1))
+    return out
+
+
+def describe(s: Mapping[str, Any], global_batch: int, ema: bool = True) -> str:
+    """One log line for a resolved schedule (``(given)`` marks values set on the command line)."""
+    g = set(s.get("given", ()))
+
+    def mark(k: str) -> str:
+        return " (given)" if k in g else ""
+
+    parts = [f"recipe {s['recipe']} ({s['recipe_reason']})", f"{s['total_steps']} steps at global batch {global_batch}",
+             f"peak lr {s['lr']:g} at --lr-base-size{mark('lr')}",
+             f"warm-up {s['warmup_epochs']:g} epochs = {s['warmup_steps']} steps{mark('warmup_epochs')}",
+             f"drop path {s['drop_path']:g}{mark('drop_path')}", f"label smoothing {s['smoothing']:g}{mark('smoothing')}"]
+    if ema:
+        parts.append(f"EMA decay {s['ema_decay']:.4g} (horizon {s['ema_horizon_steps']:g} steps){mark('ema_decay')}")
+    return ", ".join(parts)
+
+
+def _check_fracs() -> None:  # pragma: no cover - guards edits of RECIPES
+    for r in RECIPES.values():
+        assert 0 < r.warmup_frac < 1 and 0 < r.ema_frac <= 1 and EMA_DECAY_MIN <= r.ema_decay_max < 1
+        assert math.isfinite(r.lr) and r.lr > 0
+
+
+_check_fracs()

@@ -1,0 +1,109 @@
+"""Training recipes and the schedule derived from the run's length (engine/recipe.py, issue 15)."""
+import json
+import math
+
+import pytest
+
+from conftest import TEST_MODELS, run
+from linvision.engine import recipe as R
+from linvision.engine.recipe import default_batch_size, resolve_schedule
+
+
+@pytest.mark.parametrize("n, world, expect", [(4750, 1, 128), (50000, 1, 128), (4096, 1, 128), (4095, 1, 64),
+                                              (1000, 1, 16), (500, 1, 8), (12, 1, 8), (4750, 4, 32),
+                                              (500, 2, 8), (10 ** 7, 8, 16)])
+def test_default_batch_size(n, world, expect):
+    b = default_batch_size(n, world)
+    assert b == expect
+    g = b * world
+    assert n // g >= R.MIN_STEPS_PER_EPOCH or b == 8 or g == 8 * world  # enough steps, or the floor
+    if g < 128:
+        assert n // (2 * g) < R.MIN_STEPS_PER_EPOCH  # halved only because the larger batch had too few steps
+
+
+def test_auto_recipe_by_run_length():
+    short = resolve_schedule({"epochs": 10}, 37)  # the main job: 370 steps
+    assert (short["recipe"], short["total_steps"]) == ("short", 370) and "auto" in short["recipe_reason"]
+    edge = resolve_schedule({"epochs": 1}, R.AUTO_SHORT_MAX_STEPS)
+    assert edge["recipe"] == "short"
+    long = resolve_schedule({"epochs": 1}, R.AUTO_SHORT_MAX_STEPS + 1)
+    assert long["recipe"] == "deit"
+    assert resolve_schedule({"epochs": 300, "recipe": "short"}, 390)["recipe"] == "short"
+    assert resolve_schedule({"epochs": 3, "recipe": "DEIT"}, 37)["recipe"] == "deit"
+    with pytest.raises(ValueError, match="--recipe"):
+        resolve_schedule({"epochs": 3, "recipe": "fast"}, 37)
+
+
+@pytest.mark.parametrize("name", list(R.RECIPES))
+@pytest.mark.parametrize("epochs, spe", [(1, 4), (3, 37), (10, 37), (30, 37), (300, 390)])
+def test_schedule_follows_the_run(name, epochs, spe):
+    rec = R.RECIPES[name]
+    s = resolve_schedule({"epochs": epochs, "recipe": name}, spe)
+    total = epochs * spe
+    assert s["total_steps"] == total and s["given"] == []
+    assert (s["lr"], s["drop_path"], s["smoothing"]) == (rec.lr, rec.drop_path, rec.smoothing)
+    # warm-up: a fraction of the run, capped; never longer than the run
+    assert s["warmup_epochs"] == pytest.approx(min(rec.warmup_epochs_max, rec.warmup_frac * epochs))
+    assert s["warmup_epochs"] < epochs and s["warmup_steps"] == round(s["warmup_epochs"] * spe)
+    # EMA: horizon 1 / (1 - decay) = ema_frac of the run's steps, within [0.9, cap]
+    assert R.EMA_DECAY_MIN <= s["ema_decay"] <= rec.ema_decay_max
+    horizon = 1 / (1 - s["ema_decay"])
+    if R.EMA_DECAY_MIN < s["ema_decay"] < rec.ema_decay_max:
+        assert horizon == pytest.approx(rec.ema_frac * total)
+    assert s["ema_horizon_steps"] == pytest.approx(horizon, abs=0.06)
+    assert horizon <= max(10.0, rec.ema_frac * total) + 1e-6  # never averages over more than its share of the run
+
+
+def test_long_deit_run_is_the_old_recipe():
+    """300 epochs on ImageNet-size data with --recipe deit: the old fixed defaults (2 warm-up epochs, EMA 0.998)."""
+    s = resolve_schedule({"epochs": 300, "recipe": "deit"}, 10009)
+    assert (s["lr"], s["warmup_epochs"], s["ema_decay"], s["drop_path"], s["smoothing"]) == (1e-3, 2.0, 0.998,
+                                                                                             0.1, 0.1)
+
+
+def test_given_values_win():
+    given = {"epochs": 3, "lr": 5e-4, "warmup_epochs": 0.0, "ema_decay": 0.99, "drop_path": 0.2, "smoothing": 0.0}
+    s = resolve_schedule(given, 37)
+    assert {k: s[k] for k in R.DERIVED_KEYS} == {k: given[k] for k in R.DERIVED_KEYS}
+    assert sorted(s["given"]) == sorted(R.DERIVED_KEYS)
+    assert "(given)" in R.describe(s, 128)
+    line = R.describe(resolve_schedule({"epochs": 3}, 37), 128)
+    assert "recipe short" in line and "(given)" not in line and "EMA decay" in line
+
+
+def test_ema_decay_formula():
+    s = resolve_schedule({"epochs": 10, "recipe": "short"}, 37)
+    assert s["ema_decay"] == pytest.approx(1 - 1 / 37)
+    assert resolve_schedule({"epochs": 1}, 5)["ema_decay"] == R.EMA_DECAY_MIN  # tiny run: clamped
+    assert math.isclose(resolve_schedule({"epochs": 100, "recipe": "deit"}, 1000)["ema_decay"], 0.998)
+
+
+@pytest.fixture
+def model():
+    name = next(iter(TEST_MODELS))
+    return name, TEST_MODELS[name]
+
+
+def test_train_logs_and_records_the_schedule(model, tiny_data, tmp_path, capsys):
+    name, margs = model
+    out = tmp_path / "run"
+    common = ["train", "--model", name, *margs, "--data", tiny_data, "--epochs", "2", "--workers", "0",
+              "--threads", "1", "--max-steps", "1"]
+    rc, _, err = run(capsys, *common, "--output", out)
+    assert rc == 0 and "recipe short (auto: 2 optimizer steps <= 2000)" in err
+    s = json.loads((out / "config.json").read_text())["schedule"]
+    assert s["recipe"] == "short" and s["batch_size"] == 8  # 12 training images: the smallest default batch
+    assert (s["lr"], s["drop_path"], s["given"]) == (R.RECIPES["short"].lr, 0.0, [])
+    assert s["warmup_epochs"] == pytest.approx(0.2) and s["ema_decay"] == R.EMA_DECAY_MIN
+
+    out2 = tmp_path / "run2"
+    rc, _, _ = run(capsys, *common, "--output", out2, "--recipe", "deit", "--drop-path", "0.05", "--batch-size", "4")
+    assert rc == 0
+    s = json.loads((out2 / "config.json").read_text())["schedule"]
+    assert (s["recipe"], s["lr"], s["drop_path"], s["batch_size"], s["given"]) == ("deit", 1e-3, 0.05, 4,
+                                                                                   ["drop_path"])
+    # a resumed run keeps the recipe auto chose, even when its new length would choose another
+    rc, _, _ = run(capsys, "train", "--resume", out, "--epochs", "3", "--workers", "0", "--threads", "1",
+                   "--max-steps", "1")
+    assert rc == 0
+    assert json.loads((out / "config.json").read_text())["schedule"]["recipe"] == "short"
