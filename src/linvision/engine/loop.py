@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3, random_seed
+from timm.utils import ModelEmaV3, distribute_bn, random_seed
 
 from ..checkpoint import STATE_FILE, check_state_dict, get_rng_states, set_rng_states
 from ..distributed import DistInfo, all_gather_object, all_reduce_sum
@@ -364,6 +364,11 @@ def _end_epoch(task: Task, trainer: Trainer, run: RunFolder, loader: Any, epoch:
     *sums, expected = all_reduce_sum([stats[k] for k in keys] + [expected], di).tolist()
     totals = dict(zip(keys, sums))
     skipped = int(expected - totals["received"])
+    if di.distributed:
+        # Each rank's BatchNorm running statistics saw only its shard: average them (timm's --dist-bn reduce), so
+        # every rank evaluates, and rank 0 saves, the same weights (a no-op for models without BatchNorm).
+        for m in filter(None, (trainer.model, trainer.ema.module if trainer.ema is not None else None)):
+            distribute_bn(m, di.world_size, reduce=True)
     which, cols, metrics, choice = _choose_weights(task, trainer, val, test)
     seen = totals["seen"]
     row = {"epoch": epoch + 1, "step": trainer.step, "train_loss": round(totals["loss_sum"] / max(seen, 1), 5),

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.utils import distribute_bn, random_seed
+from timm.utils import random_seed
 
 from ..checkpoint import MODEL_FILE, check_state_dict, load_config, load_state_dict
 from ..data import IMAGE_ERRORS, SeededSampler, default_workers, holdout_split, load_rgb
@@ -309,10 +309,6 @@ class SegmentationTask:
         return {"train_acc": 100 * sums.get("correct_px", 0) / max(sums.get("labelled_px", 0), 1)}
 
     def evaluate(self, model: torch.nn.Module, loader: Any, di: DistInfo, desc: str) -> dict[str, Any]:
-        if di.distributed:
-            # Each rank's BatchNorm running statistics saw only its shard: average them (timm's --dist-bn
-            # reduce), so every rank evaluates, and rank 0 saves, the same weights.
-            distribute_bn(model, di.world_size, reduce=True)
         return evaluate_segmentation(model, loader, self.num_classes, self.ignore_index, inference=self.inference,
                                      window=self.window, stride=self.stride, device=di.device, dist_info=di,
                                      progress=progress_enabled(di), desc=desc)

@@ -133,7 +133,6 @@ def _cmd_supernet_train(ns: argparse.Namespace) -> int:
 
 
 def _cmd_search(ns: argparse.Namespace) -> int:
-    import json
     import time
     from pathlib import Path
 

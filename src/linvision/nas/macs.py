@@ -8,6 +8,7 @@ counter); :func:`analytic_macs` gives the same number from the architecture alon
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -16,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..models.resnas import PATCH_SIZE, check_size, normalize_arch
 
-__all__ = ["count_macs", "analytic_macs"]
+__all__ = ["count_macs", "analytic_macs", "parse_macs"]
 
 
 @torch.no_grad()
@@ -68,3 +69,16 @@ def analytic_macs(arch: Dict[str, Any], img_size: Union[int, Tuple[int, int]] = 
                 A = h * d
                 macs += n * C * 4 * A + 2 * n * n * A + 2 * n * C * m
     return macs + dims[-1] * num_classes
+
+
+def parse_macs(text: str | float) -> float:
+    """``"1.79G"``, ``"850M"``, ``"2e9"`` → MACs. Raises ValueError."""
+    s = str(text).strip().upper()
+    scale = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}.get(s[-1:], 1)
+    try:
+        v = float(s[:-1] if scale != 1 else s) * scale
+    except ValueError:
+        raise ValueError(f"cannot read a MACs value from {text!r} (e.g. 1.79G, 850M, 2e9)") from None
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"a MACs budget must be a positive finite number, got {text!r}")
+    return v
