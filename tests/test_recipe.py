@@ -22,11 +22,11 @@ def test_default_batch_size(n, world, expect):
 
 
 def test_auto_recipe_by_run_length():
-    short = resolve_schedule({"epochs": 10}, 37)  # the main job: 370 steps
+    short = resolve_schedule({"epochs": 10}, 37)  # 370 steps
     assert (short["recipe"], short["total_steps"]) == ("short", 370) and "auto" in short["recipe_reason"]
-    edge = resolve_schedule({"epochs": 1}, R.AUTO_SHORT_MAX_STEPS)
+    edge = resolve_schedule({"epochs": R.AUTO_SHORT_MAX_EPOCHS}, 10009)  # large data, few passes: short
     assert edge["recipe"] == "short"
-    long = resolve_schedule({"epochs": 1}, R.AUTO_SHORT_MAX_STEPS + 1)
+    long = resolve_schedule({"epochs": R.AUTO_SHORT_MAX_EPOCHS + 1}, 4)
     assert long["recipe"] == "deit"
     assert resolve_schedule({"epochs": 300, "recipe": "short"}, 390)["recipe"] == "short"
     assert resolve_schedule({"epochs": 3, "recipe": "DEIT"}, 37)["recipe"] == "deit"
@@ -90,7 +90,7 @@ def test_train_logs_and_records_the_schedule(model, tiny_data, tmp_path, capsys)
     common = ["train", "--model", name, *margs, "--data", tiny_data, "--epochs", "2", "--workers", "0",
               "--threads", "1", "--max-steps", "1"]
     rc, _, err = run(capsys, *common, "--output", out)
-    assert rc == 0 and "recipe short (auto: 2 optimizer steps <= 2000)" in err
+    assert rc == 0 and "recipe short (auto: 2 epochs <= 20)" in err
     s = json.loads((out / "config.json").read_text())["schedule"]
     assert s["recipe"] == "short" and s["batch_size"] == 8  # 12 training images: the smallest default batch
     assert (s["lr"], s["drop_path"], s["given"]) == (R.RECIPES["short"].lr, 0.0, [])
@@ -103,7 +103,7 @@ def test_train_logs_and_records_the_schedule(model, tiny_data, tmp_path, capsys)
     assert (s["recipe"], s["lr"], s["drop_path"], s["batch_size"], s["given"]) == ("deit", 1e-3, 0.05, 4,
                                                                                    ["drop_path"])
     # a resumed run keeps the recipe auto chose, even when its new length would choose another
-    rc, _, _ = run(capsys, "train", "--resume", out, "--epochs", "3", "--workers", "0", "--threads", "1",
-                   "--max-steps", "1")
+    rc, _, _ = run(capsys, "train", "--resume", out, "--epochs", str(R.AUTO_SHORT_MAX_EPOCHS + 5), "--workers", "0",
+                   "--threads", "1", "--max-steps", "1")
     assert rc == 0
     assert json.loads((out / "config.json").read_text())["schedule"]["recipe"] == "short"

@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from .engine.recipe import AUTO_SHORT_MAX_STEPS, MIN_STEPS_PER_EPOCH, RECIPE_CHOICES
+from .engine.recipe import AUTO_SHORT_MAX_EPOCHS, MIN_STEPS_PER_EPOCH, RECIPE_CHOICES
 from .errors import LinvisionError, user_message
 
 DEFAULT_MODEL = "vrwkv_tiny"
@@ -31,7 +31,7 @@ MAIN_JOB: dict[str, Any] = {
     "img_size": 32,
     "patch_size": 8,         # 4x4 tokens: 10 epochs fit in 10 minutes on 2 CPU cores
     "epochs": 10,
-    "recipe": "auto",        # auto | short | deit: see linvision/engine/recipe.py (short: <= 2000 optimizer steps)
+    "recipe": "auto",        # auto | short | deit: see linvision/engine/recipe.py (auto: short for <= 20 epochs)
     "batch_size": None,      # per process; None: global 128, halved while an epoch has < 32 steps (recipe.py)
     "lr": None,              # None: the recipe's (short 2e-3, deit 1e-3)
     "lr_base_size": 128,     # --lr is the peak lr at this global batch; scaled linearly with the global batch
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--recipe", choices=RECIPE_CHOICES,
                    help="training recipe for the options below marked [recipe]: short (small data, short runs: no "
                         "drop path, peak lr 2e-3), deit (DeiT's regularisers, peak lr 1e-3), auto = short for runs "
-                        f"of at most {AUTO_SHORT_MAX_STEPS} optimizer steps, else deit [{d['recipe']}]")
+                        f"of at most {AUTO_SHORT_MAX_EPOCHS} epochs, else deit [{d['recipe']}]")
     t.add_argument("--batch-size", type=int, help="images per step and process [global 128, halved while an epoch "
                                                    f"would have < {MIN_STEPS_PER_EPOCH} steps]")
     t.add_argument("--lr", type=float, help="peak learning rate at a global batch of --lr-base-size [recipe]")

@@ -13,8 +13,8 @@ Recipes (``--recipe``):
   warm-up ``min(2 epochs, 10 % of the run)``, EMA decay ``0.998`` capped to a horizon of 10 % of the run.
 * ``short``: for short runs on small data — no drop path, a higher peak lr, warm-up 10 % of the run (at most 1
   epoch... see :data:`RECIPES`), EMA horizon 10 % of the run. Measured in the README (issue 15 table).
-* ``auto`` (default): ``short`` when the run takes at most :data:`AUTO_SHORT_MAX_STEPS` optimizer steps, else
-  ``deit``.
+* ``auto`` (default): ``short`` for runs of at most :data:`AUTO_SHORT_MAX_EPOCHS` epochs (passes over the
+  data: what decides whether the model can overfit, whatever the data size), else ``deit``.
 
 Batch size (every recipe, when ``--batch-size`` is not given): 128 images per step (the global batch), halved
 while an epoch would have fewer than :data:`MIN_STEPS_PER_EPOCH` steps (down to 8), so a run on a few hundred
@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-__all__ = ["Recipe", "RECIPES", "RECIPE_CHOICES", "AUTO_SHORT_MAX_STEPS", "MIN_STEPS_PER_EPOCH", "DERIVED_KEYS",
+__all__ = ["Recipe", "RECIPES", "RECIPE_CHOICES", "AUTO_SHORT_MAX_EPOCHS", "MIN_STEPS_PER_EPOCH", "DERIVED_KEYS",
            "default_batch_size", "choose_recipe", "resolve_schedule", "describe"]
 
 
@@ -51,7 +51,7 @@ RECIPES: dict[str, Recipe] = {
                     ema_decay_max=0.998, ema_frac=0.1),
 }
 RECIPE_CHOICES = ("auto", *RECIPES)
-AUTO_SHORT_MAX_STEPS = 2000   # auto: runs up to this many optimizer steps use "short"
+AUTO_SHORT_MAX_EPOCHS = 20    # auto: runs of up to this many epochs use "short" (measured: 3 and 10, README)
 MIN_STEPS_PER_EPOCH = 32      # default batch: halved (from 128, down to 8) until an epoch has this many steps
 DEFAULT_GLOBAL_BATCH = 128
 EMA_DECAY_MIN = 0.9
@@ -73,17 +73,17 @@ def default_batch_size(n_train: int, world_size: int = 1) -> int:
     return max(1, batch // world_size)
 
 
-def choose_recipe(name: str | None, total_steps: int) -> tuple[Recipe, str]:
-    """``(recipe, why)`` for ``--recipe name`` (``None`` = ``auto``) and a run of ``total_steps`` optimizer steps.
+def choose_recipe(name: str | None, epochs: int) -> tuple[Recipe, str]:
+    """``(recipe, why)`` for ``--recipe name`` (``None`` = ``auto``) and a run of ``epochs`` epochs.
 
     Raises:
         ValueError: an unknown recipe name.
     """
     name = (name or "auto").lower()
     if name == "auto":
-        short = total_steps <= AUTO_SHORT_MAX_STEPS
-        return RECIPES["short" if short else "deit"], (f"auto: {total_steps} optimizer steps "
-                                                       f"{'<=' if short else '>'} {AUTO_SHORT_MAX_STEPS}")
+        short = epochs <= AUTO_SHORT_MAX_EPOCHS
+        return RECIPES["short" if short else "deit"], (f"auto: {epochs} epochs "
+                                                       f"{'<=' if short else '>'} {AUTO_SHORT_MAX_EPOCHS}")
     if name not in RECIPES:
         raise ValueError(f"--recipe must be one of {RECIPE_CHOICES}, got {name!r}")
     return RECIPES[name], "--recipe"
@@ -105,7 +105,7 @@ def resolve_schedule(args: Mapping[str, Any], steps_per_epoch: int) -> dict[str,
     """
     epochs = int(args.get("epochs") or 1)
     total = max(1, epochs * int(steps_per_epoch))
-    recipe, why = choose_recipe(args.get("recipe"), total)
+    recipe, why = choose_recipe(args.get("recipe"), epochs)
     given = [k for k in DERIVED_KEYS if args.get(k) is not None]
     out: dict[str, Any] = {k: args[k] for k in given}
     out.setdefault("lr", recipe.lr)
