@@ -9,9 +9,9 @@ from linvision.engine import recipe as R
 from linvision.engine.recipe import default_batch_size, resolve_schedule
 
 
-@pytest.mark.parametrize("n, world, expect", [(4750, 1, 128), (50000, 1, 128), (4096, 1, 128), (4095, 1, 64),
-                                              (1000, 1, 16), (500, 1, 8), (12, 1, 8), (4750, 4, 32),
-                                              (500, 2, 8), (10 ** 7, 8, 16)])
+@pytest.mark.parametrize("n, world, expect", [(4750, 1, 64), (50000, 1, 128), (8192, 1, 128), (8191, 1, 64),
+                                              (2048, 1, 32), (1000, 1, 8), (500, 1, 8), (12, 1, 8), (4750, 4, 16),
+                                              (500, 2, 8), (10 ** 7, 8, 16), (100000, 4, 32)])
 def test_default_batch_size(n, world, expect):
     b = default_batch_size(n, world)
     assert b == expect
@@ -107,3 +107,8 @@ def test_train_logs_and_records_the_schedule(model, tiny_data, tmp_path, capsys)
                    "--threads", "1", "--max-steps", "1")
     assert rc == 0
     assert json.loads((out / "config.json").read_text())["schedule"]["recipe"] == "short"
+
+
+def test_docstring_examples():
+    import doctest
+    assert doctest.testmod(R).failed == 0
