@@ -396,8 +396,8 @@ def _train(args: Namespace, di: DistInfo) -> dict[str, Any]:
     _log.info("model choice: %s", f"{'raw/EMA' if args.ema else 'raw'} weights by top-1 on {val_record['n']} "
               f"validation images ({val_record['source']})" if val is not None else
               "no validation data (--val-split 0): " + ("EMA weights kept" if args.ema else "raw weights kept"))
-    _log.info("%s", describe(schedule, global_batch, ema=bool(args.ema)))
-    if di.distributed or lr != args.lr:
+    _log.info("%s", describe(schedule, global_batch, bool(args.ema), lr, lr_base))
+    if di.distributed:
         _log.info("%d process(es) on %s, global batch %d: peak lr %.4g (= --lr %g x %d / --lr-base-size %d)",
                   di.world_size, di.device.type, global_batch, lr, args.lr, global_batch, lr_base)
     cfg = LoopConfig(epochs=args.epochs, seed=args.seed, save_every=getattr(args, "save_every_steps", None) or 0,

@@ -122,15 +122,18 @@ def resolve_schedule(args: Mapping[str, Any], steps_per_epoch: int) -> dict[str,
     return out
 
 
-def describe(s: Mapping[str, Any], global_batch: int, ema: bool = True) -> str:
-    """One log line for a resolved schedule (``(given)`` marks values set on the command line)."""
+def describe(s: Mapping[str, Any], global_batch: int, ema: bool = True, peak_lr: float | None = None,
+             lr_base_size: int | None = None) -> str:
+    """One log line for a resolved schedule (``(given)`` marks values set on the command line); ``peak_lr``: the
+    rate used at ``global_batch`` after linear scaling from ``lr_base_size``."""
     g = set(s.get("given", ()))
 
     def mark(k: str) -> str:
         return " (given)" if k in g else ""
 
     parts = [f"recipe {s['recipe']} ({s['recipe_reason']})", f"{s['total_steps']} steps at global batch {global_batch}",
-             f"peak lr {s['lr']:g} at --lr-base-size{mark('lr')}",
+             f"peak lr {s['lr']:g}{mark('lr')}" + (f" at batch {lr_base_size} = {peak_lr:g} at {global_batch}"
+                                                   if peak_lr is not None and lr_base_size != global_batch else ""),
              f"warm-up {s['warmup_epochs']:g} epochs = {s['warmup_steps']} steps{mark('warmup_epochs')}",
              f"drop path {s['drop_path']:g}{mark('drop_path')}", f"label smoothing {s['smoothing']:g}{mark('smoothing')}"]
     if ema:
