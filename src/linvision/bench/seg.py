@@ -14,6 +14,9 @@ a multiple of 7 inside every block (timm's ``SwinTransformerBlock``, attention m
 the padded size with no resizing of its weights.
 
 **Classes.** 11 (CamVid: 11 classes + void; void is an ignore index, not an output channel).
+
+**Modes.** ``infer`` (eval, ``torch.inference_mode``) by default; ``train`` (forward + pixel-wise cross-entropy
+against random labels + backward) needs a batch of 2 or more: UPerNet's pooling branch has BatchNorm on 1×1 maps.
 """
 from __future__ import annotations
 
