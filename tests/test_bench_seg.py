@@ -85,13 +85,15 @@ def test_seg_suite_isolated_both_modes(tmp_path):
 def test_cli_seg(tmp_path, capsys):
     out = tmp_path / "cli"
     rc = main(["bench", "--suite", "seg", "--models", "test_vir", "--seg-sizes", "45x60", "--iters", "1",
-               "--no-isolate", "--threads", "1", "--no-flops", "--output", str(out)])
+               "--no-isolate", "--threads", "1", "--no-flops", "--profile", "--output", str(out)])
     assert rc == 0
     stdout = capsys.readouterr().out
     assert "| `test_vir` | 45x60 | 1 | infer |" in stdout and (out / "seg.csv").exists()
+    assert "### `test_vir` 45x60 infer" in (out / "seg_profile.md").read_text()
     for argv, msg in ((["--seg-sizes", "360by480"], "--seg-sizes: bad size '360by480'"),
                       (["--seg-sizes", "0x10"], "--seg-sizes: bad size '0x10'"),
                       (["--resolutions", "224"], "--resolutions is for --suite models"),
+                      (["--num-classes", "0"], "--num-classes must be positive"),
                       (["--models", "resnet*"], "matches none of the suite's models")):
         rc = main(["bench", "--suite", "seg", *argv, "--output", str(out / "bad")])
         err = capsys.readouterr().err.strip().splitlines()

@@ -149,7 +149,8 @@ def profile_markdown(records: List[Dict[str, Any]]) -> str:
     parts = []
     for r in records:
         if r.get("profile_top"):
-            parts.append(f"### `{r['model']}` {r['resolution']}px {r['mode']} (batch {r['batch_size']}, "
+            size = r["resolution"] if isinstance(r["resolution"], str) else f"{r['resolution']}px"
+            parts.append(f"### `{r['model']}` {size} {r['mode']} (batch {r['batch_size']}, "
                          f"{_f(r.get('ms_per_step'), '.1f')} ms/step)\n\n"
                          "| op | self ms | calls | % |\n|---|---|---|---|")
             parts.extend(f"| `{e['op']}` | {e['self_ms']:.2f} | {e['calls']} | {e['pct']:.1f} |"

@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..errors import LinvisionError
-from .report import _f, write_model_plots
+from .report import _f, profile_markdown, write_model_plots
 from .specs import select_models
 from .suites import RECORD_FIELDS, BenchConfig, _check_config, _meta, run_model_cases
 
@@ -105,7 +105,8 @@ def run_seg(cfg: BenchConfig, out_dir: Path, log: Callable[[str], None] = lambda
     """Run the seg suite: every backbone (``cfg.models``: specs or fnmatch patterns over :data:`SEG_BACKBONES`) ×
     size (``cfg.seg_sizes``) × mode (``infer`` by default) with a ``cfg.decoder`` decoder of width
     ``cfg.decoder_channels`` and ``cfg.num_classes`` classes. Writes ``seg.json``/``seg.csv`` after each case and
-    ``seg_throughput_<mode>.png``, ``seg_memory_<mode>.png``, ``seg_speedup_<mode>.png`` at the end. Returns
+    ``seg_throughput_<mode>.png``, ``seg_memory_<mode>.png``, ``seg_speedup_<mode>.png`` (and with ``--profile``
+``seg_profile.md``) at the end. Returns
     ``(meta, records)``.
 
     Raises:
@@ -133,6 +134,9 @@ def run_seg(cfg: BenchConfig, out_dir: Path, log: Callable[[str], None] = lambda
     records = run_model_cases(cfg, meta, cases, out_dir, log, total_budget=total_budget, threads=threads,
                               started=started, stem="seg", fields=SEG_FIELDS, extra=extra, post=add_seg_ratios)
     write_model_plots(out_dir, meta, records, prefix="seg_")
+    if any(r.get("profile_top") for r in records):
+        from ..checkpoint import atomic_write
+        atomic_write(out_dir / "seg_profile.md", profile_markdown(records).encode())
     return meta, records
 
 

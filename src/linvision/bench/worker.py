@@ -48,7 +48,8 @@ def _deadline(case: Dict[str, Any]) -> float:
 def run_model_case(case: Dict[str, Any], fresh_process: bool = False,
                    save_partial: Callable[[Dict[str, Any]], None] = lambda r: None) -> Dict[str, Any]:
     """Run one model case (``case``: model, resolution, batch_size, mode, dtype, device, threads, compile,
-    channels_last, warmup, iters, min_time, deadline_wall, flops). Returns a result dict with ``status`` ``ok`` or
+    channels_last, warmup, iters, min_time, deadline_wall, flops; a segmentation case adds task="seg", size [H, W],
+    num_classes, decoder, decoder_channels). Returns a result dict with ``status`` ``ok`` or
     ``oom`` / ``too_slow`` / ``skipped`` / ``failed`` and a ``reason``; never raises for a case problem.
     ``save_partial(result)`` is called once the timing is done (a worker killed later keeps it)."""
     device = _setup_worker(case)
