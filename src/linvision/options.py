@@ -38,6 +38,7 @@ RULES: dict[str, str] = {
     "random_archs": "nonneg", "warmup": "nonneg", "max_pixels": "positive",
     "base_size": "positive", "crop_size": "positive", "decoder_channels": "positive", "eval_batch_size": "positive",
     "pyramid_channels": "positive", "scale_range": "positive", "stride": "positive", "window": "positive",
+    "num_classes": "positive",
     # rates and schedules
     "lr": "nonneg", "min_lr": "nonneg", "warmup_lr": "nonneg", "weight_decay": "nonneg", "warmup_epochs": "nonneg",
     "choice_warmup_epochs": "nonneg", "clip_grad": "nonneg", "mixup_alpha": "nonneg", "cutmix_alpha": "nonneg",

@@ -56,12 +56,14 @@ Outputs (``--output DIR``): ``bench.csv``, ``bench.json`` (``{"meta": {...}, "re
 every case), ``throughput_<mode>.png`` and ``memory_<mode>.png`` (log-log, one line per spec) and
 ``speedup_<mode>.png`` (img/s over the DeiT of the same size — tiny, small, base — at the same resolution, same
 run); a markdown table on stdout. The ops suite writes ``ops.csv``, ``ops.json``, ``ops_time.png``,
-``ops_memory.png``.
+``ops_memory.png``. The seg suite (:mod:`~linvision.bench.seg`: segmentation models, backbone + UPerNet, at
+``H × W`` sizes) writes ``seg.csv``, ``seg.json``, ``seg_throughput_<mode>.png``, ``seg_memory_<mode>.png``,
+``seg_speedup_<mode>.png``.
 
 **Layout.** :mod:`~linvision.bench.specs` (runners, model specs, presets, ops), :mod:`~linvision.bench.measure`
 (FLOPs, memory, timing, machine), :mod:`~linvision.bench.worker` (one case, in a subprocess by default),
-:mod:`~linvision.bench.suites` (the two suites), :mod:`~linvision.bench.report` (JSON/CSV, plots, markdown) and
-:mod:`~linvision.bench.cli` (``linvision bench``, also ``python -m linvision.bench``). Progress: a tqdm bar when
+:mod:`~linvision.bench.suites` (the models and ops suites), :mod:`~linvision.bench.seg` (the seg suite),
+:mod:`~linvision.bench.report` (JSON/CSV, plots, markdown) and :mod:`~linvision.bench.cli` (``linvision bench``, also ``python -m linvision.bench``). Progress: a tqdm bar when
 stdout and stderr are terminals, else one line per case on stderr.
 """
 from __future__ import annotations
@@ -71,11 +73,15 @@ from .measure import CUSTOM_FLOP_FORMULAS, count_flops, gemm_peak_gflops, machin
 from .report import markdown_table, ops_markdown_table, profile_markdown, write_results
 from .specs import (DEFAULT_MODELS, OPS, PRESETS, RUNNERS, CaseSkip, ModelSpec, OpSpec, Preset, Runner, create_model,
                     parse_spec, register_runner, select_models)
-from .suites import OP_FIELDS, RECORD_FIELDS, BenchConfig, add_speedups, run_models, run_ops
+from .seg import SEG_BACKBONES, SEG_FIELDS, SEG_SIZES, add_seg_ratios, parse_sizes, run_seg, seg_markdown_table
+from .specs import create_seg_model
+from .suites import OP_FIELDS, RECORD_FIELDS, BenchConfig, add_speedups, run_model_cases, run_models, run_ops
 from .worker import execute_case, run_model_case, run_op_case
 
 __all__ = ["Runner", "RUNNERS", "register_runner", "CaseSkip", "ModelSpec", "parse_spec", "Preset", "PRESETS",
            "DEFAULT_MODELS", "select_models", "create_model", "OpSpec", "OPS", "count_flops", "step_flops",
            "model_flops", "gemm_peak_gflops", "machine_info", "CUSTOM_FLOP_FORMULAS", "BenchConfig", "RECORD_FIELDS",
            "OP_FIELDS", "add_speedups", "run_models", "run_ops", "run_model_case", "run_op_case", "execute_case",
-           "write_results", "markdown_table", "ops_markdown_table", "profile_markdown", "add_parser", "cmd_bench"]
+           "write_results", "markdown_table", "ops_markdown_table", "profile_markdown", "add_parser", "cmd_bench",
+           "create_seg_model", "run_model_cases", "SEG_BACKBONES", "SEG_SIZES", "SEG_FIELDS", "parse_sizes",
+           "add_seg_ratios", "run_seg", "seg_markdown_table"]

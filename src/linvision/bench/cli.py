@@ -23,6 +23,8 @@ _EPILOG = """examples:
   linvision bench --mode both --batch-size 8 --output runs/bench-cpu
   linvision bench --device cuda --dtype bf16 --compile --batch-size 64 --resolutions 224,512,1024,2048
   linvision bench --suite ops                        # Bi-WKV vs its reference vs SDPA vs Linear; retention forms
+  linvision bench --suite seg --time-budget 300      # segmentation models (backbone + UPerNet-64), 5 backbones
+  linvision bench --suite seg --models 'vir*' vir_tiny:mode=chunkwise --seg-sizes 360x480,720x960
 
 A model spec is NAME[:key=value,...][:RUNNER]: key=value items are model kwargs (e.g. mode=chunkwise), a bare
 word picks a runner (registered with linvision.bench.register_runner; `default` = model(x), `stream` =
@@ -33,7 +35,16 @@ the case is skipped with the reason. Results: DIR/bench.csv, DIR/bench.json ({"m
 DIR/throughput_<mode>.png, DIR/memory_<mode>.png, DIR/speedup_<mode>.png; a markdown table on stdout.
 Peak memory: CUDA max_memory_allocated; CPU resident-set high-water mark minus the resident set before the model
 is built (see `python -c "import linvision.bench as b; help(b)"`). A progress bar is drawn only when stdout and
-stderr are terminals; otherwise each case prints one line on stderr."""
+stderr are terminals; otherwise each case prints one line on stderr.
+
+--suite seg: the segmentation model `linvision segment train --backbone NAME` builds (linvision.dense.
+create_segmentation_model: backbone + --decoder of width --decoder-channels + head, --num-classes logits, random
+weights) at each --seg-sizes H x W, --models over vrwkv_tiny, vir_tiny, vit_resnas_tiny, deit_tiny_patch16_224,
+swin_tiny_patch4_window7_224. Same subprocess / budget / batch-halving machinery; results DIR/seg.csv,
+DIR/seg.json, DIR/seg_throughput_<mode>.png, DIR/seg_memory_<mode>.png (vs the pixel count, one line per
+backbone), DIR/seg_speedup_<mode>.png; the table has img/s and MiB ratios to DeiT-T and img/s ratios to Swin-T
+at the same size. Inputs are zero-padded to the encoder's multiple (32; ViT-ResNAS 56); Swin-T pads each
+stage to its 7x7 windows inside its blocks."""
 
 
 def _int_list(s: str) -> List[int]:
@@ -52,8 +63,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                        help="throughput, memory and FLOPs vs resolution (models) or tokens (ops)",
                        description="Benchmark models (img/s, ms/step, peak MiB, GMACs, GFLOP/s vs the GEMM peak) "
                                    "across resolutions, or the token-mixing ops across token counts.")
-    b.add_argument("--suite", choices=("models", "ops", "export"), default="models",
-                   help="models, ops, or export (onnxruntime vs eager PyTorch on CPU) [models]")
+    b.add_argument("--suite", choices=("models", "ops", "export", "seg"), default="models",
+                   help="models, ops, export (onnxruntime vs eager PyTorch on CPU) or seg (segmentation models) "
+                        "[models]")
     b.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="model list + resolutions: " + "; ".join(f"{k}: {p.doc}" for k, p in PRESETS.items()))
     b.add_argument("--models", nargs="+", metavar="SPEC", help="model specs or fnmatch patterns [the preset's]")
@@ -87,6 +99,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     b.add_argument("--heads", type=int, default=3, help="ops suite: retention heads of 64 [3]")
     b.add_argument("--max-memory-mib", type=float, metavar="MIB",
                    help="ops suite: skip an O(T^2) op whose estimated memory exceeds this [min(4096, half of free)]")
+    b.add_argument("--seg-sizes", metavar="HxW,HxW,...",
+                   help="seg suite: input sizes (H x W; R = RxR) [360x480,720x960,1440x1920]")
+    b.add_argument("--num-classes", type=int, default=11,
+                   help="seg suite: output classes [11: CamVid's 11 classes; void is ignored, not predicted]")
+    b.add_argument("--decoder", choices=("upernet", "fpn", "dpt"), default="upernet", help="seg suite [upernet]")
+    b.add_argument("--decoder-channels", type=int, default=64, help="seg suite: decoder width [64]")
     b.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks for errors")
     b.set_defaults(func=cmd_bench)
     return b
@@ -140,6 +158,10 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         table = ops_markdown_table(records)
     elif cfg.suite == "export":
         return _cmd_export_suite(cfg, out, log)
+    elif cfg.suite == "seg":
+        from .seg import run_seg, seg_markdown_table
+        meta, records = run_seg(cfg, out, log)
+        table = seg_markdown_table(records)
     else:
         meta, records = run_models(cfg, out, log)
         table = markdown_table(records)

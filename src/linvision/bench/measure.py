@@ -70,7 +70,7 @@ def count_flops(fn: Callable[[], Any]) -> int:
 def step_flops(model: nn.Module, runner: Runner, x: torch.Tensor, train: bool = False,
                autocast: Optional[torch.autocast] = None) -> Tuple[int, Optional[int]]:
     """``(forward FLOPs, train-step FLOPs or None)`` of one step of ``model`` on the batch ``x`` (real tensors; the
-    step really runs). A train step is the forward, cross-entropy against class 0 and ``backward()``; its FLOPs
+    step really runs). A train step is the forward, cross-entropy against class 0 (of every pixel, for ``[B, K, H, W]`` logits) and ``backward()``; its FLOPs
     are forward + backward. Divide by the batch size for per-image numbers."""
     amp = autocast or contextlib.nullcontext()
     if not train:
@@ -85,7 +85,7 @@ def step_flops(model: nn.Module, runner: Runner, x: torch.Tensor, train: bool = 
 
     f = count_flops(fwd)
     out = box.pop("out")
-    target = torch.zeros(out.shape[0], dtype=torch.long, device=out.device)
+    target = torch.zeros(out.shape[:1] + out.shape[2:], dtype=torch.long, device=out.device)  # [B] or [B, H, W]
     b = count_flops(lambda: F.cross_entropy(out.float(), target).backward())
     model.zero_grad(set_to_none=True)
     return f, f + b

@@ -6,7 +6,7 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..checkpoint import atomic_write
 from ..plots import atomic_write_png, new_figure
@@ -34,12 +34,16 @@ def write_results(out_dir: Path, stem: str, meta: Dict[str, Any], records: List[
 
 def _plot_title(meta: Dict[str, Any], what: str) -> str:
     dev = meta.get("gpu") or f"{meta['cpu_model']}, {meta['threads']} threads"
-    return f"{what}\n{dev}, {meta['dtype']}, batch {meta['batch_size']}"
+    seg = f", + {meta['decoder']}-{meta['decoder_channels']}, {meta['num_classes']} classes" if meta.get("decoder") else ""
+    return f"{what}{seg}\n{dev}, {meta['dtype']}, batch {meta['batch_size']}"
 
 
-def write_model_plots(out_dir: Path, meta: Dict[str, Any], records: List[Dict[str, Any]]) -> List[Path]:
-    """``throughput_<mode>.png``, ``memory_<mode>.png`` (log-log vs resolution, one line per spec) and
-    ``speedup_<mode>.png`` (img/s ÷ DeiT of the same size; only if the run has DeiT). Returns the files."""
+def write_model_plots(out_dir: Path, meta: Dict[str, Any], records: List[Dict[str, Any]],
+                      prefix: str = "") -> List[Path]:
+    """``<prefix>throughput_<mode>.png``, ``<prefix>memory_<mode>.png`` (log-log vs resolution, one line per spec)
+    and ``<prefix>speedup_<mode>.png`` (img/s ÷ DeiT of the same size; only if the run has DeiT). Records with a
+    ``pixels`` key (``H × W`` sizes, the seg suite) are plotted against the pixel count, ticks labelled ``HxW``.
+    Returns the files."""
     import matplotlib
     cycle = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     color = {m: cycle[i % len(cycle)] for i, m in enumerate(dict.fromkeys(r["model"] for r in records))}
@@ -48,22 +52,25 @@ def write_model_plots(out_dir: Path, meta: Dict[str, Any], records: List[Dict[st
     written = []
     for mode in sorted({r["mode"] for r in records}):
         rs = [r for r in records if r["mode"] == mode and r["status"] == "ok"]
+        ticks = {r.get("pixels", r["resolution"]): str(r["resolution"]) for r in rs}
         for stem, key, ylabel, all_models in plots:
             lines: Dict[str, List[Tuple[int, float]]] = {}
             for r in rs:
                 if r.get(key) is not None and r[key] > 0 and (all_models or not r["arch"].startswith("deit_")):
-                    lines.setdefault(r["model"], []).append((r["resolution"], r[key]))
+                    lines.setdefault(r["model"], []).append((r.get("pixels", r["resolution"]), r[key]))
             if lines:
-                path = out_dir / f"{stem}_{mode}.png"
-                _model_plot(path, lines, color, sorted({r["resolution"] for r in rs}), ylabel,
-                            _plot_title(meta, f"{stem} ({mode})"), unit_line=stem == "speedup")
+                path = out_dir / f"{prefix}{stem}_{mode}.png"
+                _model_plot(path, lines, color, dict(sorted(ticks.items())), ylabel,
+                            _plot_title(meta, f"{prefix}{stem} ({mode})"), unit_line=stem == "speedup",
+                            xlabel="input size H×W (log pixel count)" if "pixels" in rs[0] else None)
                 written.append(path)
     return written
 
 
-def _model_plot(path: Path, lines: Dict[str, List[Tuple[int, float]]], color: Dict[str, str], res: List[int],
-                ylabel: str, title: str, unit_line: bool) -> None:
-    """One log-log plot of ``lines`` (model -> [(resolution, value)]) written to ``path``; DeiT dashed."""
+def _model_plot(path: Path, lines: Dict[str, List[Tuple[int, float]]], color: Dict[str, str], ticks: Dict[int, str],
+                ylabel: str, title: str, unit_line: bool, xlabel: Optional[str] = None) -> None:
+    """One log-log plot of ``lines`` (model -> [(x, value)]) written to ``path``, x ticks ``ticks`` (x -> label);
+    DeiT dashed."""
     import matplotlib.ticker
     fig = new_figure((7, 4.8), dpi=110)
     ax = fig.add_subplot()
@@ -75,10 +82,10 @@ def _model_plot(path: Path, lines: Dict[str, List[Tuple[int, float]]], color: Di
         ax.axhline(1.0, color="k", lw=0.8, ls=":")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xticks(res)
-    ax.set_xticklabels([str(x) for x in res])
+    ax.set_xticks(list(ticks))
+    ax.set_xticklabels(list(ticks.values()))
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-    ax.set_xlabel("resolution (px, square)")
+    ax.set_xlabel(xlabel or "resolution (px, square)")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
@@ -142,7 +149,8 @@ def profile_markdown(records: List[Dict[str, Any]]) -> str:
     parts = []
     for r in records:
         if r.get("profile_top"):
-            parts.append(f"### `{r['model']}` {r['resolution']}px {r['mode']} (batch {r['batch_size']}, "
+            size = r["resolution"] if isinstance(r["resolution"], str) else f"{r['resolution']}px"
+            parts.append(f"### `{r['model']}` {size} {r['mode']} (batch {r['batch_size']}, "
                          f"{_f(r.get('ms_per_step'), '.1f')} ms/step)\n\n"
                          "| op | self ms | calls | % |\n|---|---|---|---|")
             parts.extend(f"| `{e['op']}` | {e['self_ms']:.2f} | {e['calls']} | {e['pct']:.1f} |"

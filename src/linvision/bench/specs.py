@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..errors import LinvisionError
 
 __all__ = ["Runner", "RUNNERS", "register_runner", "CaseSkip", "LazyImage", "ModelSpec", "parse_spec", "Preset",
-           "DEFAULT_MODELS", "PRESETS", "select_models", "create_model", "OpSpec", "OPS"]
+           "DEFAULT_MODELS", "PRESETS", "select_models", "create_model", "create_seg_model", "OpSpec", "OPS"]
 
 
 @dataclass(frozen=True)
@@ -170,23 +170,26 @@ PRESETS: Dict[str, Preset] = {
 }
 
 
-def select_models(patterns: Optional[Sequence[str]], preset: str = "default") -> List[ModelSpec]:
-    """Model specs to run: the preset's list, or for each of ``patterns`` either the preset's specs it matches
-    (``fnmatch``, against the spec text or its bare model name; a pattern has ``*?[``) or an explicit spec.
+def select_models(patterns: Optional[Sequence[str]], preset: str = "default",
+                  pool: Optional[Sequence[str]] = None) -> List[ModelSpec]:
+    """Model specs to run: the preset's list (or ``pool``, a list of spec texts, when given), or for each of
+    ``patterns`` either the list's specs it matches (``fnmatch``, against the spec text or its bare model name; a
+    pattern has ``*?[``) or an explicit spec.
 
     Raises:
         LinvisionError: unknown preset, a pattern matching nothing, an unknown model name, a bad spec.
     """
     import timm
-    if preset not in PRESETS:
+    if pool is None and preset not in PRESETS:
         raise LinvisionError(f"--preset: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
-    pool = [parse_spec(s) for s in PRESETS[preset].models]
+    where = f"the {preset!r} preset's" if pool is None else "the suite's"
+    pool = [parse_spec(s) for s in (PRESETS[preset].models if pool is None else pool)]
     out: List[ModelSpec] = []
     for pat in patterns or [s.text for s in pool]:
         if any(ch in pat for ch in "*?["):
             hits = [s for s in pool if fnmatch.fnmatchcase(s.text, pat) or fnmatch.fnmatchcase(s.arch, pat)]
             if not hits:
-                raise LinvisionError(f"--models: pattern {pat!r} matches none of the {preset!r} preset's models "
+                raise LinvisionError(f"--models: pattern {pat!r} matches none of {where} models "
                                      f"({', '.join(s.text for s in pool)}); name other models explicitly")
         else:
             hits = [parse_spec(pat)]
@@ -213,6 +216,17 @@ def create_model(spec: ModelSpec, resolution: int, device: torch.device | str = 
             raise
         model = timm.create_model(spec.arch, pretrained=False, **kwargs)
     return model.to(device)
+
+
+def create_seg_model(spec: ModelSpec, num_classes: int = 11, decoder: str = "upernet", decoder_channels: int = 64,
+                     device: torch.device | str = "cpu") -> nn.Module:
+    """The segmentation model ``linvision segment train --backbone ARCH`` trains (random weights):
+    :func:`linvision.dense.create_segmentation_model` ``(arch, decoder, num_classes, decoder_channels, **kwargs)``,
+    ``[B, 3, H, W] -> [B, num_classes, H, W]`` for any H × W (timm's DeiT and Swin get ``dynamic_img_size=True``;
+    the input is zero-padded to the encoder's ``size_multiple``), on ``device``."""
+    from ..dense import create_segmentation_model
+    return create_segmentation_model(spec.arch, decoder, num_classes=num_classes, decoder_channels=decoder_channels,
+                                     **dict(spec.kwargs)).to(device)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ from .report import profile_markdown, write_model_plots, write_op_plots, write_r
 from .specs import OPS, PRESETS, select_models
 from .worker import execute_case, run_with_backoff
 
-__all__ = ["BenchConfig", "RECORD_FIELDS", "OP_FIELDS", "progress_enabled", "add_speedups", "run_models", "run_ops"]
+__all__ = ["BenchConfig", "RECORD_FIELDS", "OP_FIELDS", "progress_enabled", "add_speedups", "run_models",
+           "run_model_cases", "size_label", "run_ops"]
 
 
 @dataclass
@@ -54,6 +55,11 @@ class BenchConfig:
     heads: int = 3
     max_memory_mib: Optional[float] = None
     gemm_n: Optional[int] = None  # matrix size of the GEMM-peak measurement [2048 on CPU, 8192 on CUDA]
+    # seg suite
+    seg_sizes: Optional[str] = None  # "HxW,HxW,..." [linvision.bench.seg.SEG_SIZES]
+    num_classes: int = 11
+    decoder: str = "upernet"
+    decoder_channels: int = 64
 
 
 RECORD_FIELDS = ["model", "arch", "runner", "kwargs", "resolution", "batch_size", "mode", "dtype", "status",
@@ -121,14 +127,41 @@ def run_models(cfg: BenchConfig, out_dir: Path, log: Callable[[str], None] = lam
     started = time.time()
     meta = _meta(cfg, threads, total_budget, [s.text for s in specs], resolutions, modes)
     log(f"GEMM peak: {meta['gemm']['gflops']:.1f} GFLOP/s ({meta['gemm']['dtype']}, n={meta['gemm']['n']})")
-    records: List[Dict[str, Any]] = []
     cases = [(s, m, r) for s in specs for m in modes for r in resolutions]
+    records = run_model_cases(cfg, meta, cases, out_dir, log, total_budget=total_budget, threads=threads,
+                              started=started)
+    write_model_plots(out_dir, meta, records)
+    if any(r.get("profile_top") for r in records):
+        from ..checkpoint import atomic_write
+        atomic_write(out_dir / "profile.md", profile_markdown(records).encode())
+    return meta, records
+
+
+def size_label(size: Any) -> str:
+    """``"512px"`` for a square resolution, ``"360x480"`` for an ``(H, W)`` size."""
+    return f"{size[0]}x{size[1]}" if isinstance(size, (tuple, list)) else f"{size}px"
+
+
+def run_model_cases(cfg: BenchConfig, meta: Dict[str, Any], cases: List[Tuple[Any, str, Any]], out_dir: Path,
+                    log: Callable[[str], None], *, total_budget: Optional[float], threads: int, started: float,
+                    stem: str = "bench", fields: Optional[List[str]] = None, extra: Optional[Dict[str, Any]] = None,
+                    post: Callable[[List[Dict[str, Any]]], None] = add_speedups) -> List[Dict[str, Any]]:
+    """Run ``cases`` — ``(spec, mode, size)``, ``size`` a square resolution (int) or ``(H, W)`` (a segmentation
+    case: ``extra`` then holds ``task="seg"``, ``num_classes``, ``decoder``, ``decoder_channels``) — each with
+    :func:`~linvision.bench.worker.run_with_backoff` within the case and total budgets (a spec out of memory or too
+    slow at batch 1 skips its larger sizes). After every case: ``post(records)`` (ratio columns) and
+    ``<stem>.json``/``<stem>.csv`` are written. Returns the records."""
+    records: List[Dict[str, Any]] = []
     blocked: Dict[Tuple[str, str], str] = {}
+    extra = extra or {}
     bar = _progress(cases, "bench", cfg)
-    for spec, mode, res in bar:
-        bar.set_postfix_str(f"{spec.text} {res}px {mode}")
+    for spec, mode, size in bar:
+        label = size_label(size)
+        bar.set_postfix_str(f"{spec.text} {label} {mode}")
         rec = {"model": spec.text, "arch": spec.arch, "runner": spec.runner, "kwargs": dict(spec.kwargs),
-               "resolution": res, "mode": mode, "dtype": cfg.dtype}
+               "resolution": size if isinstance(size, int) else label, "mode": mode, "dtype": cfg.dtype}
+        if not isinstance(size, int):
+            rec.update(height=size[0], width=size[1], pixels=size[0] * size[1])
         t0 = time.time()
         left = None if total_budget is None else total_budget - (t0 - started)
         if (spec.text, mode) in blocked:
@@ -138,33 +171,30 @@ def run_models(cfg: BenchConfig, out_dir: Path, log: Callable[[str], None] = lam
                        batch_size=cfg.batch_size)
         else:
             budget = cfg.time_budget if left is None else min(cfg.time_budget, left)
-            case = {"kind": "model", "model": spec.text, "resolution": res, "batch_size": cfg.batch_size,
-                    "mode": mode, "dtype": cfg.dtype, "device": cfg.device, "threads": threads,
-                    "compile": cfg.compile, "channels_last": cfg.channels_last, "warmup": cfg.warmup,
-                    "iters": cfg.iters, "min_time": cfg.min_time, "flops": cfg.flops, "profile": cfg.profile,
-                    "budget": budget,
-                    "deadline_wall": t0 + budget}
+            case = {"kind": "model", "model": spec.text, "resolution": size if isinstance(size, int) else max(size),
+                    "batch_size": cfg.batch_size, "mode": mode, "dtype": cfg.dtype, "device": cfg.device,
+                    "threads": threads, "compile": cfg.compile, "channels_last": cfg.channels_last,
+                    "warmup": cfg.warmup, "iters": cfg.iters, "min_time": cfg.min_time, "flops": cfg.flops,
+                    "profile": cfg.profile, "budget": budget, "deadline_wall": t0 + budget, **extra}
+            if not isinstance(size, int):
+                case["size"] = list(size)
             rec.update(run_with_backoff(case, cfg.isolate))
             cut = budget < cfg.time_budget
             if rec["status"] == "skipped" and rec.get("skip_kind") == "too_slow" and cut:
                 rec["reason"] += f" (case budget cut to {budget:.0f} s by --total-budget {total_budget:.0f} s)"
             elif rec["status"] == "skipped" and rec.get("skip_kind") and rec["batch_size"] == 1:
                 what = {"oom": "out of memory"}.get(rec["skip_kind"], "too slow")
-                blocked[(spec.text, mode)] = f"already {what} at {res}px"
+                blocked[(spec.text, mode)] = f"already {what} at {label}"
         rec["case_s"] = time.time() - t0
         if rec.get("gflops") is not None:
             rec["peak_frac"] = rec["gflops"] / meta["gemm"]["gflops"]
         records.append(rec)
         log(_record_line(rec))
         _finish_meta(meta, started)
-        add_speedups(records)
-        write_results(out_dir, "bench", meta, records, RECORD_FIELDS)
+        post(records)
+        write_results(out_dir, stem, meta, records, fields or RECORD_FIELDS)
     bar.close()
-    write_model_plots(out_dir, meta, records)
-    if any(r.get("profile_top") for r in records):
-        from ..checkpoint import atomic_write
-        atomic_write(out_dir / "profile.md", profile_markdown(records).encode())
-    return meta, records
+    return records
 
 
 def _meta(cfg: BenchConfig, threads: int, total_budget: Optional[float], models: List[str],
@@ -191,7 +221,8 @@ def _finish_meta(meta: Dict[str, Any], started: float) -> None:
 
 
 def _record_line(r: Dict[str, Any]) -> str:
-    head = f"{r['model']} {r['resolution']}px {r['mode']} b{r.get('batch_size')}"
+    size = r["resolution"] if isinstance(r["resolution"], str) else f"{r['resolution']}px"
+    head = f"{r['model']} {size} {r['mode']} b{r.get('batch_size')}"
     if r["status"] != "ok":
         return f"{head}: {r['status']}: {r.get('reason', '')}"
     pk = "?" if r.get("peak_mib") is None else f"{r['peak_mib']:.0f}"

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..errors import LinvisionError
 from .measure import (CaseTimeout, MemoryMeter, TooSlow, count_flops, is_oom, profile_step, runtime_warmup,
                       step_flops, time_limit, time_steps)
-from .specs import OPS, RUNNERS, CaseSkip, create_model, parse_spec
+from .specs import OPS, RUNNERS, CaseSkip, create_model, create_seg_model, parse_spec
 
 __all__ = ["run_model_case", "run_op_case", "worker_main", "execute_case", "run_with_backoff"]
 
@@ -48,12 +48,13 @@ def _deadline(case: Dict[str, Any]) -> float:
 def run_model_case(case: Dict[str, Any], fresh_process: bool = False,
                    save_partial: Callable[[Dict[str, Any]], None] = lambda r: None) -> Dict[str, Any]:
     """Run one model case (``case``: model, resolution, batch_size, mode, dtype, device, threads, compile,
-    channels_last, warmup, iters, min_time, deadline_wall, flops). Returns a result dict with ``status`` ``ok`` or
+    channels_last, warmup, iters, min_time, deadline_wall, flops; a segmentation case adds task="seg", size [H, W],
+    num_classes, decoder, decoder_channels). Returns a result dict with ``status`` ``ok`` or
     ``oom`` / ``too_slow`` / ``skipped`` / ``failed`` and a ``reason``; never raises for a case problem.
     ``save_partial(result)`` is called once the timing is done (a worker killed later keeps it)."""
     device = _setup_worker(case)
     spec, runner = parse_spec(case["model"]), None
-    res, bs, train = case["resolution"], case["batch_size"], case["mode"] == "train"
+    bs, train = case["batch_size"], case["mode"] == "train"
     deadline = _deadline(case)
     out: Dict[str, Any] = {}
     try:
@@ -64,16 +65,12 @@ def run_model_case(case: Dict[str, Any], fresh_process: bool = False,
         sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
         meter = MemoryMeter(device, fresh_process)
         meter.start()
-        model = create_model(spec, res, device)
-        model.train(train)
         mf = torch.channels_last if case.get("channels_last") else torch.contiguous_format
-        model = model.to(memory_format=mf)
+        model, x, y = _model_and_batch(case, spec, runner, device, mf)
+        model.train(train)
         out["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
         out["weights_mib"] = (sum(p.numel() * p.element_size() for p in model.parameters())
                               + sum(b.numel() * b.element_size() for b in model.buffers())) / 2 ** 20
-        x = (runner.make_input(bs, res, device) if runner.make_input is not None
-             else torch.randn(bs, 3, res, res, device=device).contiguous(memory_format=mf))
-        y = torch.randint(0, 1000, (bs,), device=device)
         fn = torch.compile(model) if case.get("compile") else model
         amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=case["dtype"] == "bf16")
 
@@ -127,6 +124,31 @@ def run_model_case(case: Dict[str, Any], fresh_process: bool = False,
         else:
             out.update(status="failed", reason=_one_line(e))
     return out
+
+
+def _model_and_batch(case: Dict[str, Any], spec, runner, device: torch.device, mf: torch.memory_format):
+    """``(model, x, y)`` of a model case: a classifier at ``case["resolution"]`` (``x`` from the runner or
+    ``[B, 3, R, R]``, ``y`` class labels ``[B]``), or for ``case["task"] == "seg"`` a segmentation model
+    (:func:`~linvision.bench.specs.create_seg_model`) on ``x`` ``[B, 3, H, W]`` (``case["size"]``), ``y`` pixel labels
+    ``[B, H, W]``."""
+    bs = case["batch_size"]
+    if case.get("task") == "seg":
+        if runner.make_input is not None:
+            raise CaseSkip(f"runner {runner.name!r} makes classifier inputs, not [B, 3, H, W] images")
+        k = case["num_classes"]
+        H, W = case["size"]
+        model = create_seg_model(spec, k, case["decoder"], case["decoder_channels"], device)
+        x = torch.randn(bs, 3, H, W, device=device)
+        y = torch.randint(0, k, (bs, H, W), device=device)
+    else:
+        res = case["resolution"]
+        model = create_model(spec, res, device)
+        x = (runner.make_input(bs, res, device) if runner.make_input is not None
+             else torch.randn(bs, 3, res, res, device=device))
+        y = torch.randint(0, 1000, (bs,), device=device)
+    if isinstance(x, torch.Tensor):
+        x = x.contiguous(memory_format=mf)
+    return model.to(memory_format=mf), x, y
 
 
 def _one_line(e: BaseException, limit: int = 300) -> str:
