@@ -6,7 +6,7 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..checkpoint import atomic_write
 from ..plots import atomic_write_png, new_figure
@@ -127,21 +127,31 @@ def _f(v: Any, fmt: str) -> str:
     return "" if v is None else format(v, fmt)
 
 
-def markdown_table(records: List[Dict[str, Any]]) -> str:
-    """The models suite's results as a markdown table (one row per case)."""
-    head = ("| model | res | batch | mode | img/s | ms/step | peak MiB | params (M) | GMACs | GFLOP/s | % GEMM peak "
-            "| × DeiT | note |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    rows = []
+def case_table(records: Sequence[Dict[str, Any]], first: str = "model", size: str = "res",
+               extra: Sequence[Tuple[str, Callable[[Dict[str, Any]], str]]] = ()) -> str:
+    """A markdown table of model-like cases (one row per case): name, size, batch, mode, img/s, ms/step, peak MiB,
+    params (M), GMACs, then the ``extra`` columns ``(header, cell(record))``, then a note (status, reason)."""
+    heads = [first, size, "batch", "mode", "img/s", "ms/step", "peak MiB", "params (M)", "GMACs",
+             *(h for h, _ in extra), "note"]
+    rows = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for r in records:
         note = r.get("reason") or ""
         if r["status"] != "ok":
             note = f"**{r['status']}**: {note}"
-        rows.append(f"| `{r['model']}` | {r['resolution']} | {r.get('batch_size', '')} | {r['mode']} "
-                    f"| {_f(r.get('img_per_s'), '.2f')} | {_f(r.get('ms_per_step'), '.1f')} "
-                    f"| {_f(r.get('peak_mib'), '.0f')} | {_f(r.get('params_m'), '.1f')} | {_f(r.get('gmacs'), '.2f')} "
-                    f"| {_f(r.get('gflops'), '.1f')} | {_f(r.get('peak_frac') and 100 * r['peak_frac'], '.0f')} "
-                    f"| {_f(r.get('speedup_vs_deit'), '.2f')} | {note.replace('|', '/')} |")
-    return "\n".join([head] + rows)
+        cells = [f"`{r['model']}`", str(r["resolution"]), str(r.get("batch_size", "")), r["mode"],
+                 _f(r.get("img_per_s"), ".2f"), _f(r.get("ms_per_step"), ".1f"), _f(r.get("peak_mib"), ".0f"),
+                 _f(r.get("params_m"), ".1f"), _f(r.get("gmacs"), ".2f"), *(cell(r) for _, cell in extra),
+                 note.replace("|", "/")]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def markdown_table(records: List[Dict[str, Any]]) -> str:
+    """The models suite's results as a markdown table (one row per case)."""
+    return case_table(records, extra=[
+        ("GFLOP/s", lambda r: _f(r.get("gflops"), ".1f")),
+        ("% GEMM peak", lambda r: _f(r.get("peak_frac") and 100 * r["peak_frac"], ".0f")),
+        ("× DeiT", lambda r: _f(r.get("speedup_vs_deit"), ".2f"))])
 
 
 def profile_markdown(records: List[Dict[str, Any]]) -> str:

@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..errors import LinvisionError
-from .report import _f, profile_markdown, write_model_plots
+from .report import _f, case_table, profile_markdown, write_model_plots
 from .specs import select_models
 from .suites import RECORD_FIELDS, BenchConfig, _check_config, _meta, run_model_cases
 
@@ -142,16 +142,7 @@ def run_seg(cfg: BenchConfig, out_dir: Path, log: Callable[[str], None] = lambda
 
 def seg_markdown_table(records: Sequence[Dict[str, Any]]) -> str:
     """The seg suite's results as a markdown table (one row per case), ratio columns against DeiT-T and Swin-T."""
-    head = ("| backbone | H×W | batch | mode | img/s | ms/step | peak MiB | params (M) | GMACs | × DeiT-T img/s "
-            "| × DeiT-T MiB | × Swin-T img/s | note |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    rows = []
-    for r in records:
-        note = r.get("reason") or ""
-        if r["status"] != "ok":
-            note = f"**{r['status']}**: {note}"
-        rows.append(f"| `{r['model']}` | {r['resolution']} | {r.get('batch_size', '')} | {r['mode']} "
-                    f"| {_f(r.get('img_per_s'), '.2f')} | {_f(r.get('ms_per_step'), '.1f')} "
-                    f"| {_f(r.get('peak_mib'), '.0f')} | {_f(r.get('params_m'), '.1f')} | {_f(r.get('gmacs'), '.1f')} "
-                    f"| {_f(r.get('speedup_vs_deit'), '.2f')} | {_f(r.get('memory_vs_deit'), '.2f')} "
-                    f"| {_f(r.get('speedup_vs_swin'), '.2f')} | {note.replace('|', '/')} |")
-    return "\n".join([head] + rows)
+    return case_table(records, "backbone", "H×W", extra=[
+        ("× DeiT-T img/s", lambda r: _f(r.get("speedup_vs_deit"), ".2f")),
+        ("× DeiT-T MiB", lambda r: _f(r.get("memory_vs_deit"), ".2f")),
+        ("× Swin-T img/s", lambda r: _f(r.get("speedup_vs_swin"), ".2f"))])
