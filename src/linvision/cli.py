@@ -33,7 +33,7 @@ MAIN_JOB: dict[str, Any] = {
     "epochs": 6,             # with the install, within 10 minutes on 2 CPU cores (README)
     "recipe": "auto",        # auto | short | deit: see linvision/engine/recipe.py (auto: short for <= 20 epochs)
     "batch_size": None,      # per process; None: global 128, halved while an epoch has < 32 steps (recipe.py)
-    "lr": None,              # None: the recipe's (short 2e-3, deit 1e-3)
+    "lr": None,              # None: the recipe's (short: 2e-3 Vision-RWKV/ViR, 1e-3 others; deit 1e-3)
     "lr_base_size": 128,     # --lr is the peak lr at this global batch; scaled linearly with the global batch
     "min_lr": 1e-5,
     "warmup_lr": 1e-5,
@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, help=f"[{d['epochs']}]")
     t.add_argument("--recipe", choices=RECIPE_CHOICES,
                    help="training recipe for the options below marked [recipe]: short (small data, short runs: no "
-                        "drop path, peak lr 2e-3), deit (DeiT's regularisers, peak lr 1e-3), auto = short for runs "
+                        "drop path, peak lr 2e-3 for Vision-RWKV/ViR, 1e-3 for other models), deit (DeiT's "
+                        "regularisers, peak lr 1e-3), auto = short for runs "
                         f"of at most {AUTO_SHORT_MAX_EPOCHS} epochs, else deit [{d['recipe']}]")
     t.add_argument("--batch-size", type=int, help="images per step and process [global 128, halved while an epoch "
                                                    f"would have < {MIN_STEPS_PER_EPOCH} steps]")
