@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"--lr x global batch / N (linear scaling) [{d['lr_base_size']}]")
     t.add_argument("--min-lr", type=float, help=f"final cosine learning rate [{d['min_lr']}]")
     t.add_argument("--warmup-lr", type=float, help=f"learning rate at step 0 [{d['warmup_lr']}]")
-    t.add_argument("--warmup-epochs", type=float, help="linear warm-up epochs (may be fractional) [min(recipe cap: short 1, deit 2; 10%% of --epochs)]")
+    t.add_argument("--warmup-epochs", type=float, help="linear warm-up epochs (may be fractional) "
+                                                       "[min(recipe cap: short 1, deit 2; 10%% of --epochs)]")
     t.add_argument("--weight-decay", type=float, help=f"[{d['weight_decay']}]")
     t.add_argument("--opt", help=f"timm optimizer name [{d['opt']}]")
     t.add_argument("--mixup", action=argparse.BooleanOptionalAction,

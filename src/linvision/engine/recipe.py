@@ -29,8 +29,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-__all__ = ["Recipe", "RECIPES", "RECIPE_CHOICES", "AUTO_SHORT_MAX_EPOCHS", "MIN_STEPS_PER_EPOCH", "DERIVED_KEYS", "linear_mixer",
-           "default_batch_size", "choose_recipe", "resolve_schedule", "describe"]
+__all__ = ["Recipe", "RECIPES", "RECIPE_CHOICES", "AUTO_SHORT_MAX_EPOCHS", "MIN_STEPS_PER_EPOCH", "DERIVED_KEYS",
+           "linear_mixer", "default_batch_size", "choose_recipe", "resolve_schedule", "describe"]
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,8 @@ def describe(s: Mapping[str, Any], global_batch: int, ema: bool = True, peak_lr:
              f"peak lr {s['lr']:g}{mark('lr')}" + (f" at batch {lr_base_size} = {peak_lr:g} at {global_batch}"
                                                    if peak_lr is not None and lr_base_size != global_batch else ""),
              f"warm-up {s['warmup_epochs']:g} epochs = {s['warmup_steps']} steps{mark('warmup_epochs')}",
-             f"drop path {s['drop_path']:g}{mark('drop_path')}", f"label smoothing {s['smoothing']:g}{mark('smoothing')}"]
+             f"drop path {s['drop_path']:g}{mark('drop_path')}",
+             f"label smoothing {s['smoothing']:g}{mark('smoothing')}"]
     if ema:
         parts.append(f"EMA decay {s['ema_decay']:.4g} (horizon {s['ema_horizon_steps']:g} steps){mark('ema_decay')}")
     return ", ".join(parts)
