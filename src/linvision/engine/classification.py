@@ -53,13 +53,15 @@ METRIC_FIELDS = ("epoch", "step", "train_loss", "train_acc", "val_loss", "val_to
                  "weights", "test_loss", "test_top1", "test_top5", "lr", "img_per_s", "epoch_seconds")
 
 
-def setup_threads(n: int | None = None) -> int:
-    """Set torch intra-op threads (default: all CPU cores) and flush denormal floats to zero; returns the threads.
+def setup_threads(n: int | None = None, di: DistInfo | None = None) -> int:
+    """Set torch intra-op threads and flush denormal floats to zero; returns the threads. Default (``n`` None):
+    all CPU cores, shared by the node's processes under torchrun (``di.distributed``: cores // LOCAL_WORLD_SIZE).
 
     Flushing denormals matters on CPU: tiny gradients squared in Adam's second moment become denormal and make
     every kernel touching them several times slower (measured 2x on a whole deit_tiny training step).
     """
-    n = n or os.cpu_count() or 1
+    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if di is not None and di.distributed else 1
+    n = n or max(1, (os.cpu_count() or 1) // local_procs)
     torch.set_num_threads(n)
     torch.set_flush_denormal(True)
     return n
@@ -347,8 +349,7 @@ def _data(args: Namespace, di: DistInfo, data_config: dict[str, Any]
 
 
 def _train(args: Namespace, di: DistInfo) -> dict[str, Any]:
-    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if di.distributed else 1
-    setup_threads(args.threads or max(1, (os.cpu_count() or 1) // local_procs))
+    setup_threads(args.threads, di)
     run = RunFolder(args.output, args.resume, vars(args), RESUME_LOCKED_ARGS, di,
                     ignore=("resume", "output", "max_steps", "device", "log_interval"))
     check_model_name(args.model)

@@ -16,7 +16,6 @@ normalisation ``mean``/``std``, training ``crop_size``), so ``load_seg_model(RUN
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from argparse import Namespace
 from pathlib import Path
@@ -401,8 +400,7 @@ def train(args: Namespace) -> dict[str, Any]:
 
 
 def _train(args: Namespace, di: DistInfo) -> dict[str, Any]:
-    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if di.distributed else 1
-    setup_threads(args.threads or max(1, (os.cpu_count() or 1) // local_procs))
+    setup_threads(args.threads, di)
     run = RunFolder(args.output, args.resume, vars(args), SEG_RESUME_LOCKED_ARGS, di,
                     ignore=("resume", "output", "max_steps", "device", "log_interval"))
     check_model_name(args.backbone)

@@ -359,7 +359,7 @@ def _run_search(args, di, out: Path) -> Dict[str, Any]:
     from ..engine import evaluate as evaluate_classifier, progress_enabled, setup_threads
     from .train import load_supernet
     device = di.device
-    setup_threads(args.threads)
+    setup_threads(args.threads, di)
     settings = {k: getattr(args, k) for k in SEARCH_DEFAULTS if k not in ("output", "resume", "threads", "workers")}
     if args.resume:
         old = read_settings(args.resume)

@@ -198,7 +198,7 @@ def train_supernet(args: Namespace) -> Dict[str, Any]:
 
 
 def _train_supernet(args: Namespace, di: DistInfo) -> Dict[str, Any]:
-    setup_threads(args.threads)
+    setup_threads(args.threads, di)
     run = RunFolder(args.output, args.resume, vars(args), LOCKED, di,
                     ignore=("resume", "output", "max_steps", "log_interval"))
     try:
