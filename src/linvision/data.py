@@ -505,7 +505,7 @@ def _loader(ds: Dataset, batch_size: int, sampler: Any, num_workers: int | None,
 def build_train_loader(
     root: str | Path,
     data_config: dict,
-    batch_size: int,
+    batch_size: int | Callable[[int], int],
     *,
     classes: Sequence[str] | None = None,
     num_workers: int | None = None,
@@ -524,7 +524,8 @@ def build_train_loader(
     incomplete batch is dropped when at least one full batch exists. With ``num_replicas`` > 1 (distributed
     training) this rank loads its share of every epoch, ``batch_size`` images per batch (the share is padded, so
     every rank takes the same number of steps). ``indices``: train on these images of the split only (e.g. the
-    split minus a held-out part; ``subset`` is then drawn from them).
+    split minus a held-out part; ``subset`` is then drawn from them). ``batch_size`` may be a function of the
+    number of training images (after ``indices`` and ``subset``), e.g. the recipe's default batch.
 
     ``data_config`` keys: ``input_size`` (C,H,W), ``mean``, ``std``, ``interpolation``, ``small_images``.
     """
@@ -537,6 +538,8 @@ def build_train_loader(
     if subset:
         idx = [idx[i] for i in stratified_subset([ds.targets[i] for i in idx], subset, seed)]
     sampler = SeededSampler(idx, seed, num_replicas=num_replicas, rank=rank)
+    if callable(batch_size):
+        batch_size = batch_size(len(idx))
     return _loader(ds, batch_size, sampler, num_workers, drop_last=sampler.num_samples >= batch_size, seed=seed)
 
 

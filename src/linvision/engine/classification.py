@@ -322,16 +322,12 @@ def _data(args: Namespace, di: DistInfo, data_config: dict[str, Any]
         if val_dir is None and val_split:
             targets = ImageFolder(split_dir(root, "train")).targets
             train_idx, held = holdout_split(targets, val_split, args.seed, what="--val-split", min_per_class=True)
-
-        def train_loader_of(batch: int):
-            return build_train_loader(root, data_config, batch, seed=args.seed, subset=args.train_subset,
-                                      auto_augment=args.auto_augment, re_prob=args.re_prob, indices=train_idx, **kw)
-
-        train_loader = train_loader_of(args.batch_size or default_batch_size(1 << 30, di.world_size))
-        if args.batch_size is None:  # the default batch follows the data size (engine/recipe.py)
-            args.batch_size = default_batch_size(len(train_loader.sampler.indices), di.world_size)
-            if args.batch_size != train_loader.batch_size:
-                train_loader = train_loader_of(args.batch_size)
+        # without --batch-size the batch follows the number of training images (engine/recipe.py)
+        batch = args.batch_size or (lambda n: default_batch_size(n, di.world_size))
+        train_loader = build_train_loader(root, data_config, batch, seed=args.seed, subset=args.train_subset,
+                                          auto_augment=args.auto_augment, re_prob=args.re_prob, indices=train_idx,
+                                          **kw)
+        args.batch_size = train_loader.batch_size
         classes = train_loader.dataset.classes
         test_loader = build_eval_loader(root, data_config, args.batch_size, classes=classes, **kw)
         val = None
