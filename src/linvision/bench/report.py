@@ -123,6 +123,14 @@ def write_op_plots(out_dir: Path, meta: Dict[str, Any], records: List[Dict[str, 
     return written
 
 
+def size_label(size: Any) -> str:
+    """``"512px"`` for a square resolution, ``"360x480"`` for an ``(H, W)`` size; a record's ``"HxW"`` label as
+    it is."""
+    if isinstance(size, str):
+        return size
+    return f"{size[0]}x{size[1]}" if isinstance(size, (tuple, list)) else f"{size}px"
+
+
 def _f(v: Any, fmt: str) -> str:
     return "" if v is None else format(v, fmt)
 
@@ -159,8 +167,7 @@ def profile_markdown(records: List[Dict[str, Any]]) -> str:
     parts = []
     for r in records:
         if r.get("profile_top"):
-            size = r["resolution"] if isinstance(r["resolution"], str) else f"{r['resolution']}px"
-            parts.append(f"### `{r['model']}` {size} {r['mode']} (batch {r['batch_size']}, "
+            parts.append(f"### `{r['model']}` {size_label(r['resolution'])} {r['mode']} (batch {r['batch_size']}, "
                          f"{_f(r.get('ms_per_step'), '.1f')} ms/step)\n\n"
                          "| op | self ms | calls | % |\n|---|---|---|---|")
             parts.extend(f"| `{e['op']}` | {e['self_ms']:.2f} | {e['calls']} | {e['pct']:.1f} |"

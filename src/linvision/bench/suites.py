@@ -15,7 +15,7 @@ import torch
 
 from ..errors import LinvisionError
 from .measure import gemm_peak_gflops, machine_info, proc_meminfo_mib
-from .report import profile_markdown, write_model_plots, write_op_plots, write_results
+from .report import profile_markdown, size_label, write_model_plots, write_op_plots, write_results
 from .specs import OPS, PRESETS, select_models
 from .worker import execute_case, run_with_backoff
 
@@ -137,11 +137,6 @@ def run_models(cfg: BenchConfig, out_dir: Path, log: Callable[[str], None] = lam
     return meta, records
 
 
-def size_label(size: Any) -> str:
-    """``"512px"`` for a square resolution, ``"360x480"`` for an ``(H, W)`` size."""
-    return f"{size[0]}x{size[1]}" if isinstance(size, (tuple, list)) else f"{size}px"
-
-
 def run_model_cases(cfg: BenchConfig, meta: Dict[str, Any], cases: List[Tuple[Any, str, Any]], out_dir: Path,
                     log: Callable[[str], None], *, total_budget: Optional[float], threads: int, started: float,
                     stem: str = "bench", fields: Optional[List[str]] = None, extra: Optional[Dict[str, Any]] = None,
@@ -221,8 +216,7 @@ def _finish_meta(meta: Dict[str, Any], started: float) -> None:
 
 
 def _record_line(r: Dict[str, Any]) -> str:
-    size = r["resolution"] if isinstance(r["resolution"], str) else f"{r['resolution']}px"
-    head = f"{r['model']} {size} {r['mode']} b{r.get('batch_size')}"
+    head = f"{r['model']} {size_label(r['resolution'])} {r['mode']} b{r.get('batch_size')}"
     if r["status"] != "ok":
         return f"{head}: {r['status']}: {r.get('reason', '')}"
     pk = "?" if r.get("peak_mib") is None else f"{r['peak_mib']:.0f}"
