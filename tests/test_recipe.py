@@ -121,6 +121,14 @@ def test_train_logs_and_records_the_schedule(model, tiny_data, tmp_path, capsys)
     assert json.loads((out / "config.json").read_text())["schedule"]["recipe"] == "short"
 
 
+@pytest.mark.parametrize("name", list(R.RECIPES))
+def test_recipe_constants_are_sane(name):
+    r = R.RECIPES[name]
+    assert 0 < r.warmup_frac < 1 and 0 < r.ema_frac <= 1 and R.EMA_DECAY_MIN <= r.ema_decay_max < 1
+    assert math.isfinite(r.lr) and r.lr > 0
+    assert r.lr_linear_mixer is None or (math.isfinite(r.lr_linear_mixer) and r.lr_linear_mixer > 0)
+
+
 def test_docstring_examples():
     import doctest
     assert doctest.testmod(R).failed == 0

@@ -25,7 +25,6 @@ lr follows by the linear scaling rule (``--lr-base-size``).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -159,12 +158,3 @@ def describe(s: Mapping[str, Any], global_batch: int, ema: bool = True, peak_lr:
     if ema:
         parts.append(f"EMA decay {s['ema_decay']:.4g} (horizon {s['ema_horizon_steps']:g} steps){mark('ema_decay')}")
     return ", ".join(parts)
-
-
-def _check_fracs() -> None:  # pragma: no cover - guards edits of RECIPES
-    for r in RECIPES.values():
-        assert 0 < r.warmup_frac < 1 and 0 < r.ema_frac <= 1 and EMA_DECAY_MIN <= r.ema_decay_max < 1
-        assert math.isfinite(r.lr) and r.lr > 0
-
-
-_check_fracs()
