@@ -44,3 +44,38 @@ def test_vir_auto_chunk_one_pass_and_explicit_wins():
     out5, n5 = _passes(fixed, x, mode="chunkwise")
     assert n5 == -(-T // 5)
     torch.testing.assert_close(out5, ref, rtol=1e-4, atol=1e-5)
+
+
+def _forms(model, x):
+    """Retention forms the first block's retention layer was called with."""
+    seen = []
+    h = model.blocks[0].retention.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["mode"]),
+                                                            with_kwargs=True)
+    with torch.no_grad():
+        out = model(x)
+    h.remove()
+    return out, seen
+
+
+@pytest.mark.parametrize("side, form", [(64, "parallel"), (352, "parallel"), (368, "chunkwise")])
+def test_vir_default_mode_auto_picks_form_by_token_count(side, form):
+    """``mode='auto'`` (ViR's default): parallel up to AUTO_PARALLEL_MAX_TOKENS (512) tokens, chunkwise above —
+    22² + 1 = 485 tokens at 352², 23² + 1 = 530 at 368² — with the logits of the forced forms."""
+    from linvision.ops.retention import AUTO_PARALLEL_MAX_TOKENS, auto_form
+    torch.manual_seed(0)
+    model = timm.create_model("test_vir").eval()
+    assert model.mode == "auto"
+    x = torch.randn(1, 3, side, side)
+    T = (side // 16) ** 2 + 1
+    assert auto_form(T) == form and (T <= AUTO_PARALLEL_MAX_TOKENS) == (form == "parallel")
+    out, seen = _forms(model, x)
+    assert set(seen) == {form}
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x, mode="parallel"), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out, model(x, mode="chunkwise"), rtol=1e-4, atol=1e-5)
+
+
+def test_vir2d_keeps_parallel_default_and_rejects_auto():
+    assert timm.create_model("test_vir2d").mode == "parallel"
+    with pytest.raises(ValueError, match="mode must be one of"):
+        timm.create_model("test_vir2d", mode="auto")

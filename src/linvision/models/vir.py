@@ -18,7 +18,7 @@ from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed
 from timm.models import generate_default_cfgs, register_model
 
 from ..layers.retention import RETENTION2D_MODES, RETENTION_MODES, MultiScaleRetention, MultiScaleRetention2D
-from ..ops.retention import auto_chunk_size
+from ..ops.retention import auto_chunk_size, auto_form
 from timm.models._features import feature_take_indices
 
 from ._common import (build, cfg, check_output_fmt, finish_intermediates, init_linear_trunc_normal, plain_feature_info,
@@ -71,8 +71,9 @@ class VisionRetention(nn.Module):
         init_values: LayerScale init (None disables it).
         retention_norm: per-head RMSNorm of the retention output (off = the authors' variant).
         drop_rate, pos_drop_rate, proj_drop_rate, drop_path_rate: dropouts and stochastic depth.
-        mode: default retention form, ``'parallel'`` (training), ``'chunkwise'`` or ``'recurrent'``; override per
-            call with ``model(x, mode=...)``. All three give the same logits (up to float rounding).
+        mode: default retention form: ``'auto'`` (the default: ``'parallel'`` up to 512 tokens, ``'chunkwise'``
+            above, :func:`linvision.ops.retention.auto_form`), ``'parallel'``, ``'chunkwise'`` or ``'recurrent'``;
+            override per call with ``model(x, mode=...)``. All forms give the same logits (up to float rounding).
             ``'chunkwise'``/``'recurrent'`` feed the token sequence through **all** blocks ``chunk_size``
             tokens (or one token) at a time, with one retention state ``[B, H, d, d]`` per block, so token-mixing
             memory does not grow with the number of tokens.
@@ -90,7 +91,7 @@ class VisionRetention(nn.Module):
     step it loops over, :meth:`forward_blocks`.
     """
 
-    modes = RETENTION_MODES
+    modes = RETENTION_MODES + ("auto",)
     retention_layer: type = MultiScaleRetention
     class_token = True  # appended last
     pools = ("", "avg", "token_last")
@@ -99,7 +100,7 @@ class VisionRetention(nn.Module):
                  in_chans: int = 3, num_classes: int = 1000, global_pool: str = "token_last", embed_dim: int = 192,
                  depth: int = 12, num_heads: int = 3, mlp_ratio: float = 4., init_values: Optional[float] = 1e-5,
                  retention_norm: bool = False, drop_rate: float = 0., pos_drop_rate: float = 0.,
-                 proj_drop_rate: float = 0., drop_path_rate: float = 0., mode: str = "parallel",
+                 proj_drop_rate: float = 0., drop_path_rate: float = 0., mode: str = "auto",
                  chunk_size: Optional[int] = None):
         super().__init__()
         if mode not in self.modes:
@@ -169,6 +170,8 @@ class VisionRetention(nn.Module):
         last block's tokens and the outputs of the blocks in ``take`` (ascending). ``'chunkwise'``/``'recurrent'``
         feed ``chunk_size`` tokens (or one) at a time through all blocks, one retention state per block."""
         blocks = self.blocks[:num_blocks] if num_blocks is not None else self.blocks
+        if mode == "auto":
+            mode = auto_form(x.shape[1])
         if mode == "parallel":
             inter = []
             for i, blk in enumerate(blocks):
@@ -279,8 +282,8 @@ class VisionRetention2D(VisionRetention):
     class_token = False
     pools = ("", "avg")
 
-    def __init__(self, *args, global_pool: str = "avg", **kwargs):
-        super().__init__(*args, global_pool=global_pool, **kwargs)
+    def __init__(self, *args, global_pool: str = "avg", mode: str = "parallel", **kwargs):
+        super().__init__(*args, global_pool=global_pool, mode=mode, **kwargs)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
