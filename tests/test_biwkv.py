@@ -364,3 +364,27 @@ def test_numba_imported_only_when_asked_for():
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_numba_keeps_torch_thread_count():
+    """numba's OpenMP threading layer sets the shared OpenMP runtime's thread count to numba's pool size when it
+    starts (the first compiled kernel in a process). The kernels must leave torch's count as they found it:
+    otherwise a run computed everything after its first Bi-WKV call on other threads, with another order of
+    additions, than the same run resumed in a process where numba had already started (that broke the bit-exact
+    kill-and-resume test). Fresh process, numba's pool of 2 threads, torch on 1."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import torch, linvision, timm\n"
+            "torch.set_num_threads(1)\n"
+            "m = timm.create_model('test_vrwkv', img_size=32, patch_size=8)\n"
+            "m(torch.randn(2, 3, 32, 32)).sum().backward()\n"
+            "assert torch.get_num_threads() == 1, f'torch threads {torch.get_num_threads()} after numba started'\n"
+            "import numba\n"
+            "assert numba.threading_layer() and numba.get_num_threads() == 1, numba.get_num_threads()\n")
+    env = {**os.environ, "LINVISION_BIWKV_CPU": "numba", "NUMBA_NUM_THREADS": "2"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -27,7 +27,8 @@ results differ from the torch path only by the order of the additions.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from contextlib import contextmanager
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -171,9 +172,21 @@ if numba is not None:
                 du[b, c0 + c] = acc_u[c]
 
 
-def set_threads() -> None:
-    """numba's thread count := torch.get_num_threads() (capped by numba's pool), so ``--threads`` holds."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+@contextmanager
+def threads() -> Iterator[None]:
+    """Run a compiled kernel on ``torch.get_num_threads()`` threads (numba's count := torch's, capped by numba's
+    pool, so ``--threads`` holds), and leave torch's count as it was. numba's OpenMP threading layer shares the
+    OpenMP runtime with torch and sets its thread count to numba's pool size when it starts (the first parallel
+    kernel in a process): without the restore, everything torch computed after that first kernel ran on another
+    thread count, with another order of additions, than the same computation later in the process — so a training
+    run was not bit-identical to its resumed copy (tests/test_biwkv.py::test_numba_keeps_torch_thread_count)."""
+    n = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
 
 
 def _block(B: int, C: int) -> int:
@@ -201,8 +214,8 @@ def forward(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     X = torch.empty(2 * B, L, nc, C, dtype=cd)
     PS = torch.empty_like(X)
     car = torch.empty(2, 2 * B, nc, C, dtype=cd)
-    set_threads()
-    _fwd_kernel(_np(w), _np(u), _np(k32), _np(v32), _np(y), _np(X), _np(PS), _np(car), _block(B, C))
+    with threads():
+        _fwd_kernel(_np(w), _np(u), _np(k32), _np(v32), _np(y), _np(X), _np(PS), _np(car), _block(B, C))
     return y[:, :T].to(v.dtype).contiguous(), X, PS, car
 
 
@@ -217,6 +230,7 @@ def backward(gy: torch.Tensor, w: torch.Tensor, u: torch.Tensor, y: torch.Tensor
     dv = torch.empty_like(dk)
     dw = torch.empty(B, C, dtype=torch.float64)
     du = torch.empty_like(dw)
-    set_threads()
-    _bwd_kernel(_np(gy), _np(w), _np(u), _np(y), _np(X), _np(DD), _np(dk), _np(dv), _np(dw), _np(du), _block(B, C))
+    with threads():
+        _bwd_kernel(_np(gy), _np(w), _np(u), _np(y), _np(X), _np(DD), _np(dk), _np(dv), _np(dw), _np(du),
+                    _block(B, C))
     return dw.sum(0).to(cd), du.sum(0).to(cd), dk, dv

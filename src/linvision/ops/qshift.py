@@ -64,8 +64,8 @@ def _(x, mix, H, W, shift):
 
     x, mix = x.contiguous(), mix.contiguous()
     out = x.new_empty(mix.shape[0], *x.shape)
-    biwkv_cpu.set_threads()
-    qshift_cpu.q_shift_lerp_kernel(x.detach().numpy(), mix.detach().numpy(), out.numpy(), H, W, shift)
+    with biwkv_cpu.threads():
+        qshift_cpu.q_shift_lerp_kernel(x.detach().numpy(), mix.detach().numpy(), out.numpy(), H, W, shift)
     return out
 
 
