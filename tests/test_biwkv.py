@@ -311,17 +311,19 @@ def test_cpu_kernels_are_interchangeable_between_forward_and_backward(monkeypatc
 
 
 def test_cpu_kernel_choice_and_fallback(monkeypatch):
-    """unset: the torch path (for now); auto: numba when it imports, else the torch path (same results); an
+    """unset = auto: numba when it imports, else the torch path (same results); torch: the torch path; an
     unknown value or numba requested without numba: a clear ValueError naming the variable."""
     w, u, k, v = (t.detach() for t in _wkv_inputs(1, 20, 4))
-    monkeypatch.delenv(biwkv_module.CPU_KERNEL_ENV, raising=False)
+    monkeypatch.setenv(biwkv_module.CPU_KERNEL_ENV, "torch")
     assert biwkv_module.cpu_kernel() == "torch"
-    monkeypatch.setenv(biwkv_module.CPU_KERNEL_ENV, "auto")
+    monkeypatch.delenv(biwkv_module.CPU_KERNEL_ENV, raising=False)
     assert biwkv_module.cpu_kernel() == "numba"
     with_numba = bi_wkv(w, u, k, v)
     monkeypatch.setattr(biwkv_cpu, "numba", None)  # as on a machine where numba does not import
     assert not biwkv_cpu.available() and biwkv_module.cpu_kernel() == "torch"
     assert rel_rms(bi_wkv(w, u, k, v), with_numba) < 1e-6
+    monkeypatch.setenv(biwkv_module.CPU_KERNEL_ENV, "auto")
+    assert biwkv_module.cpu_kernel() == "torch"
     monkeypatch.setenv(biwkv_module.CPU_KERNEL_ENV, "numba")
     with pytest.raises(ValueError, match="LINVISION_BIWKV_CPU=numba but numba does not import"):
         bi_wkv(w, u, k, v)
@@ -348,19 +350,20 @@ def test_cpu_kernel_follows_torch_threads(monkeypatch):
         torch.set_num_threads(before)
 
 
-def test_numba_imported_only_when_asked_for():
-    """With the default ``LINVISION_BIWKV_CPU=torch``, importing linvision and running Vision-RWKV forward and
-    backward on CPU never imports numba (whose OpenMP runtime would run beside torch's in every process)."""
+def test_numba_imported_only_when_used():
+    """``import linvision`` never imports numba (nor its OpenMP runtime); with ``LINVISION_BIWKV_CPU=torch`` neither
+    does running Vision-RWKV forward and backward on CPU."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     code = ("import sys, torch, linvision, timm\n"
+            "assert 'numba' not in sys.modules, 'numba imported by import linvision'\n"
             "m = timm.create_model('test_vrwkv', img_size=32, patch_size=8)\n"
             "m(torch.randn(2, 3, 32, 32)).sum().backward()\n"
             "assert 'numba' not in sys.modules, 'numba imported'\n")
-    env = {k: v for k, v in os.environ.items() if k != "LINVISION_BIWKV_CPU"}
+    env = {**os.environ, "LINVISION_BIWKV_CPU": "torch"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -17,8 +17,8 @@ Three forms share one signature ``(w, u, k, v) -> [B, T, C]``:
   ``linvision::bi_wkv_bwd``) with its own backward; decayed prefix and suffix scans run in chunks, one vectorised
   op per position in a chunk, carries between chunks from the chunk totals. O(T) time and memory in the forward
   and the backward, no token limit, CPU and CUDA (plain torch ops), fp32 inside for bf16/fp16 inputs. On CPU the
-  same scans run as compiled numba kernels (:mod:`linvision.ops.biwkv_cpu`) with ``LINVISION_BIWKV_CPU=numba``
-  or ``auto`` (default for now: ``torch``; see :func:`cpu_kernel`); both CPU paths save the same tensors.
+  same scans run as compiled numba kernels (:mod:`linvision.ops.biwkv_cpu`) by default (``LINVISION_BIWKV_CPU``
+  ``auto``; ``torch`` keeps the torch ops; see :func:`cpu_kernel`); both CPU paths save the same tensors.
 * :func:`bi_wkv_official_kernel_ref` (``bi_wkv(..., variant="official_kernel")``) — the arithmetic of the
   authors' CUDA kernel, which differs from Eq. 5 and which the released checkpoints were trained with (float64,
   O(T^2); for evaluating/fine-tuning published weights).
@@ -328,14 +328,13 @@ CPU_KERNELS = ("auto", "numba", "torch")
 
 def cpu_kernel() -> str:
     """The CPU implementation the op uses now: ``"numba"`` or ``"torch"``, from the environment variable
-    ``LINVISION_BIWKV_CPU`` (``torch`` (default for now): the torch-ops path; ``auto``: numba when it imports, else
-    torch ops; ``numba``: require it). Read at every call. The default stays ``torch`` until the bit-exact
-    kill-and-resume test (tests/test_resume.py) passes with the numba kernels too (it does not yet: cause open).
+    ``LINVISION_BIWKV_CPU`` (``auto``, the default: the compiled numba kernels when numba imports, else torch ops;
+    ``numba``: require them; ``torch``: the torch-ops path, and numba is never imported). Read at every call.
 
     Raises:
         ValueError: an unknown value, or ``numba`` requested but numba does not import.
     """
-    choice = os.environ.get(CPU_KERNEL_ENV, "torch").strip().lower() or "torch"
+    choice = os.environ.get(CPU_KERNEL_ENV, "auto").strip().lower() or "auto"
     if choice not in CPU_KERNELS:
         raise ValueError(f"bi_wkv: environment variable {CPU_KERNEL_ENV} must be one of {CPU_KERNELS}, got {choice!r}")
     if choice == "torch":  # numba (and its OpenMP runtime) is imported only when asked for
@@ -421,8 +420,8 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
     twice that backward). Plain torch ops, so it runs on CPU and CUDA alike; no token limit. On CUDA
     (float32/bf16/fp16, Triton installed, ``LINVISION_TRITON`` not ``0``) it runs instead the Triton kernels of
     :mod:`linvision.ops.biwkv_triton` (the same scans, fused; custom op ``linvision::bi_wkv_triton_fwd``/``_bwd``);
-    Triton is imported only then. On CPU with ``LINVISION_BIWKV_CPU=numba`` (or ``auto`` and numba imports) the op
-    runs the compiled kernels of :mod:`linvision.ops.biwkv_cpu` instead (the same scans, one sequential pass per
+    Triton is imported only then. On CPU, when numba imports (``LINVISION_BIWKV_CPU`` unset or ``auto``; ``numba``
+    requires it, ``torch`` turns it off) the op runs the compiled kernels of :mod:`linvision.ops.biwkv_cpu` instead (the same scans, one sequential pass per
     direction over a block of channels, states in float64; default ``chunk_size`` there: one chunk); see
     :func:`cpu_kernel`.
 
