@@ -7,8 +7,9 @@ threads:
 * ``bi_wkv`` forward and forward+backward with the numba kernels (``LINVISION_BIWKV_CPU=numba``) and with the
   torch-ops path (``=torch``), against one ``nn.Linear(192, 192)`` forward+backward on the same ``[1, T, 192]``
   tokens, at T = 196, 1024, 4096, 16384 (C = 192, fp32, batch 1);
-* ``vrwkv_tiny`` (numba and torch-ops Bi-WKV) against timm's ``deit_tiny_patch16_224`` inference, batch 1, at 224²
-  and 1024² (both models built at that image size);
+* ``vrwkv_tiny`` (numba and torch-ops Bi-WKV) and ``vir_tiny`` (its default ``mode="auto"``, and chunkwise) against
+  timm's ``deit_tiny_patch16_224`` inference, batch 1, at 224² and 1024² (all built at that image size);
+* ``vir_tiny`` parallel against chunkwise at ``--vir-forms`` sizes (where ``mode="auto"`` should switch);
 
 then prints markdown tables and the torch.profiler top-5 ops (self CPU time, with call counts) of ``vrwkv_tiny`` at
 224² and 1024² with the numba kernels. Goals (issue 13): vrwkv_tiny ÷ deit_tiny ≤ 1/0.9 at 224² and ≤ 1/4 at
@@ -97,8 +98,24 @@ def model_candidates(res: int) -> Dict[str, Callable[[], None]]:
                 model(x)
         return run
 
+    vir = timm.create_model("vir_tiny", img_size=res).eval()
+    vir_chunk = timm.create_model("vir_tiny", img_size=res, mode="chunkwise").eval()
     return {"vrwkv_tiny numba": _with_path("numba", infer(vrwkv)),
-            "vrwkv_tiny torch": _with_path("torch", infer(vrwkv)), "deit_tiny": infer(deit)}
+            "vrwkv_tiny torch": _with_path("torch", infer(vrwkv)), "deit_tiny": infer(deit),
+            "vir_tiny": infer(vir), "vir_tiny chunkwise": infer(vir_chunk)}
+
+
+def vir_form_candidates(res: int) -> Dict[str, Callable[[], None]]:
+    model = timm.create_model("vir_tiny", img_size=res).eval()
+    x = torch.randn(1, 3, res, res)
+
+    def infer(mode):
+        def run():
+            with torch.inference_mode():
+                model(x, mode=mode)
+        return run
+
+    return {"parallel": infer("parallel"), "chunkwise": infer("chunkwise")}
 
 
 def profile_top(res: int, n: int = 5) -> str:
@@ -117,11 +134,12 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     ap.add_argument("--tokens", default="196,1024,4096,16384")
     ap.add_argument("--resolutions", default="224,1024")
+    ap.add_argument("--vir-forms", default="224,288,352,384,416,448,512")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--quick", action="store_true", help="smoke run: T=196, 64², 2 repeats")
     ns = ap.parse_args()
     if ns.quick:
-        ns.tokens, ns.resolutions, ns.repeats = "196", "64", 2
+        ns.tokens, ns.resolutions, ns.repeats, ns.vir_forms = "196", "64", 2, "64"
     threads = [int(t) for t in ns.threads.split(",")]
     tokens = [int(t) for t in ns.tokens.split(",")]
     resolutions = [int(r) for r in ns.resolutions.split(",")]
@@ -138,16 +156,26 @@ def main() -> None:
             print(f"| {n} | {T} | {m['numba fwd']:.3f} | {m['torch fwd']:.3f} | {m['numba fwd+bwd']:.3f} | "
                   f"{m['torch fwd+bwd']:.3f} | {lin:.3f} | {m['numba fwd+bwd'] / lin:.2f}× | "
                   f"{m['torch fwd+bwd'] / lin:.2f}× |", flush=True)
-    print("\n| threads | image | vrwkv_tiny numba ms | vrwkv_tiny torch-ops ms | deit_tiny ms | deit ÷ vrwkv "
-          "(numba) | deit ÷ vrwkv (torch) |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| threads | image | vrwkv_tiny numba ms | vrwkv_tiny torch-ops ms | vir_tiny (auto) ms | vir_tiny "
+          "chunkwise ms | deit_tiny ms | deit ÷ vrwkv (numba) | deit ÷ vrwkv (torch) | deit ÷ vir (auto) | deit ÷ vir "
+          "(chunkwise) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for n in threads:
         torch.set_num_threads(n)
         for res in resolutions:
             m = interleaved_medians(model_candidates(res), max(3, ns.repeats // 3), warmup=1)
             d = m["deit_tiny"]
-            print(f"| {n} | {res}² | {m['vrwkv_tiny numba']:.1f} | {m['vrwkv_tiny torch']:.1f} | {d:.1f} | "
-                  f"{d / m['vrwkv_tiny numba']:.2f}× | {d / m['vrwkv_tiny torch']:.2f}× |", flush=True)
+            print(f"| {n} | {res}² | {m['vrwkv_tiny numba']:.1f} | {m['vrwkv_tiny torch']:.1f} | {m['vir_tiny']:.1f} "
+                  f"| {m['vir_tiny chunkwise']:.1f} | {d:.1f} | {d / m['vrwkv_tiny numba']:.2f}× | "
+                  f"{d / m['vrwkv_tiny torch']:.2f}× | {d / m['vir_tiny']:.2f}× | {d / m['vir_tiny chunkwise']:.2f}× |",
+                  flush=True)
+    print(f"\n| image | tokens | vir_tiny parallel ms | chunkwise ms | parallel ÷ chunkwise ({threads[-1]} threads) |")
+    print("|---|---|---|---|---|")
+    torch.set_num_threads(threads[-1])
+    for res in (int(r) for r in ns.vir_forms.split(",")):
+        m = interleaved_medians(vir_form_candidates(res), max(5, ns.repeats // 2), warmup=1)
+        print(f"| {res}² | {(res // 16) ** 2 + 1} | {m['parallel']:.1f} | {m['chunkwise']:.1f} | "
+              f"{m['parallel'] / m['chunkwise']:.2f} |", flush=True)
     torch.set_num_threads(threads[-1])
     for res in resolutions:
         print(f"\nvrwkv_tiny {res}², numba Bi-WKV, {threads[-1]} threads: top ops by self CPU time\n")
