@@ -103,8 +103,9 @@ def q_shift_lerp(x: torch.Tensor, mix: torch.Tensor, grid: Tuple[int, int], shif
 
     Returns:
         ``[n, B, T, C]`` in x's dtype (differentiable in x and mix). The custom op (and its compiled CPU kernel)
-        runs only when the compiled CPU path is on (``LINVISION_BIWKV_CPU``, see :func:`~linvision.ops.biwkv.cpu_kernel`);
-        otherwise plain tensor ops, which ``torch.export``/ONNX take as they are.
+        runs only on CPU with the compiled CPU path on (``LINVISION_BIWKV_CPU``, see
+        :func:`~linvision.ops.biwkv.cpu_kernel`) and outside ``torch.export``; otherwise plain tensor ops, which
+        ``torch.export``/ONNX take as they are.
 
     Raises:
         ValueError: grid does not match T, or mix is not ``[n, C]``.
@@ -116,6 +117,7 @@ def q_shift_lerp(x: torch.Tensor, mix: torch.Tensor, grid: Tuple[int, int], shif
     if mix.dim() != 2 or mix.shape[1] != C:
         raise ValueError(f"q_shift_lerp: mix must be [n, C={C}], got {tuple(mix.shape)}")
     from .biwkv import cpu_kernel
-    if x.device.type != "cpu" or cpu_kernel() == "torch":  # plain tensor ops: exportable, as before the kernel
+    if x.device.type != "cpu" or torch.compiler.is_exporting() or cpu_kernel() == "torch":  # plain tensor ops
+        # (also under torch.export / ONNX: a graph of standard ops, no linvision custom op)
         return _q_shift_lerp_torch(x, mix.to(x.dtype), int(H), int(W), int(shift))
     return torch.ops.linvision.q_shift_lerp(x, mix.to(x.dtype), int(H), int(W), int(shift))
