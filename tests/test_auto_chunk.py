@@ -57,10 +57,10 @@ def _forms(model, x):
     return out, seen
 
 
-@pytest.mark.parametrize("side, form", [(64, "parallel"), (352, "parallel"), (368, "chunkwise")])
+@pytest.mark.parametrize("side, form", [(64, "parallel"), (272, "parallel"), (288, "chunkwise")])
 def test_vir_default_mode_auto_picks_form_by_token_count(side, form):
-    """``mode='auto'`` (ViR's default): parallel up to AUTO_PARALLEL_MAX_TOKENS (512) tokens, chunkwise above —
-    22² + 1 = 485 tokens at 352², 23² + 1 = 530 at 368² — with the logits of the forced forms."""
+    """``mode='auto'`` (ViR's default): parallel up to AUTO_PARALLEL_MAX_TOKENS (320) tokens, chunkwise above —
+    17² + 1 = 290 tokens at 272², 18² + 1 = 325 at 288² — with the logits of the forced forms."""
     from linvision.ops.retention import AUTO_PARALLEL_MAX_TOKENS, auto_form
     torch.manual_seed(0)
     model = timm.create_model("test_vir").eval()

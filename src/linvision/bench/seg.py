@@ -37,7 +37,7 @@ __all__ = ["SEG_BACKBONES", "SEG_SIZES", "SEG_FIELDS", "SEG_REFS", "parse_sizes"
            "seg_markdown_table"]
 
 # The five backbones of the segmentation issue, each as `linvision segment train --backbone NAME` builds it (ViR in
-# its default 'auto' retention form: parallel up to 512 tokens, chunkwise above; `vir_tiny:mode=parallel` forces
+# its default 'auto' retention form: parallel up to 320 tokens, chunkwise above; `vir_tiny:mode=parallel` forces
 # the quadratic form).
 SEG_BACKBONES: Tuple[str, ...] = ("vrwkv_tiny", "vir_tiny", "vit_resnas_tiny", "deit_tiny_patch16_224",
                                   "swin_tiny_patch4_window7_224")

@@ -71,7 +71,7 @@ class VisionRetention(nn.Module):
         init_values: LayerScale init (None disables it).
         retention_norm: per-head RMSNorm of the retention output (off = the authors' variant).
         drop_rate, pos_drop_rate, proj_drop_rate, drop_path_rate: dropouts and stochastic depth.
-        mode: default retention form: ``'auto'`` (the default: ``'parallel'`` up to 512 tokens, ``'chunkwise'``
+        mode: default retention form: ``'auto'`` (the default: ``'parallel'`` up to 320 tokens, ``'chunkwise'``
             above, :func:`linvision.ops.retention.auto_form`), ``'parallel'``, ``'chunkwise'`` or ``'recurrent'``;
             override per call with ``model(x, mode=...)``. All forms give the same logits (up to float rounding).
             ``'chunkwise'``/``'recurrent'`` feed the token sequence through **all** blocks ``chunk_size``

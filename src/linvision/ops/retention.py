@@ -39,7 +39,7 @@ def decay_gammas(num_heads: int) -> torch.Tensor:
 
 
 AUTO_CHUNK_MAX_TOKENS = 4096
-AUTO_PARALLEL_MAX_TOKENS = 512
+AUTO_PARALLEL_MAX_TOKENS = 320
 
 
 def op_chunk_size(head_dim: int) -> int:
@@ -60,9 +60,9 @@ def auto_chunk_size(num_tokens: int, head_dim: int) -> int:
 
 def auto_form(num_tokens: int) -> str:
     """Retention form for ViR's ``mode='auto'``: ``'parallel'`` (one ``[T, T]`` decayed score matrix per head: a
-    few large matmuls, fastest for short sequences) up to ``AUTO_PARALLEL_MAX_TOKENS`` tokens, ``'chunkwise'``
-    (linear in T) above. Where they cross was measured on a 2-core CPU (fp32, ViR-T): parallel is faster at 197
-    tokens (224², 0.77× the chunkwise time), chunkwise from ~500 tokens on (1,025 tokens: 0.59×)."""
+    few large matmuls, fastest for short sequences) up to ``AUTO_PARALLEL_MAX_TOKENS`` = 320 tokens, ``'chunkwise'``
+    (linear in T) above. Measured on a 2-core CPU (ViR-T inference, fp32, batch 1; parallel ÷ chunkwise time):
+    0.94 at 197 tokens (224²), 1.07 at 401 (320²), 1.24 at 577, 1.84 at 1,025 (512²) — they cross near 300."""
     return "parallel" if int(num_tokens) <= AUTO_PARALLEL_MAX_TOKENS else "chunkwise"
 
 
