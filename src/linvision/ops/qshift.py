@@ -8,8 +8,8 @@ autograd registered, so ``torch.compile(fullgraph=True)`` traces it):
 * the default implementation (any device) is the plain form: :func:`q_shift_ref` (pad + slices + cat) then one
   ``torch.lerp`` per row — two passes over ``[B, T, C]`` for the shift and one per output;
 * on CPU, when :func:`linvision.ops.biwkv.cpu_kernel` says ``numba`` (the default where numba imports;
-  ``LINVISION_BIWKV_CPU=torch`` turns it off), a compiled kernel reads x once and writes every output in the same pass
-  (no shifted copy, no pad), with ``torch.lerp``'s own arithmetic (``s + μ (e - s)`` for ``|μ| < 0.5``, else
+  ``LINVISION_BIWKV_CPU=torch`` turns it off), a compiled kernel reads x once and writes every output in the
+  same pass (no shifted copy, no pad), with ``torch.lerp``'s own arithmetic (``s + μ (e - s)`` for ``|μ| < 0.5``, else
   ``e - (e - s)(1 - μ)``), so the two agree to fp32 rounding.
 
 The backward is torch ops on any device: ``∂x = Σ_i μ_i g_i + q_shift^T(Σ_i (1 - μ_i) g_i)``,
