@@ -1,25 +1,32 @@
 """Compiled CPU kernels (numba) for the Bi-WKV custom op ``linvision::bi_wkv_fwd`` / ``bi_wkv_bwd``.
 
 The same equations, stabilisation and saved tensors as the torch-ops path in :mod:`linvision.ops.biwkv` (see
-:func:`linvision.ops.biwkv.bi_wkv` for the derivation), written as two sequential scans per batch item and channel
-block instead of one vectorised torch op per position: each step of a scan is a loop over a contiguous block of
-channels (vectorisable), the blocks run in parallel (``numba.prange``) on ``torch.get_num_threads()`` threads.
+:func:`linvision.ops.biwkv.bi_wkv` for the derivation), written as sequential scans over whole token rows instead
+of one vectorised torch op per position. Each scan is one parallel job (``numba.prange``, on
+``torch.get_num_threads()`` threads) per batch item and *signal*; each step of a scan is a few short loops over
+the C contiguous channels of one token, written so that LLVM vectorises them (one array written per loop, no
+branch, no ``exp``: numba has no vectorised ``exp`` without Intel SVML, so ``a = e^{k - max_t k}`` is one torch op
+before the kernel). Measured on a 2-core AVX2 machine (T = 197, C = 192): 4–5× faster than the previous layout
+(both signals of a 48-channel block per job, one long scalar loop per step).
 
-Forward (per channel, ``a = e^{k - max_t k}``, ``x^n = a v``, ``x^d = a``, ``r = e^{-w}``): a forward pass builds
-the signals and the exclusive prefix ``P`` (stored in place of what becomes ``δ'``), a reverse pass rolls the
-exclusive suffix ``S`` and writes ``wkv = (P^n + S^n + e^u x^n) / (P^d + S^d + e^u x^d)``, ``den`` and
-``δ' = e^u (x^n (P^d + S^d) - a (P^n + S^n)) / den``. The saved tensors are exactly those of the torch path (any
-chunk layout ``[2B, L, nc, C]``, chunk carries included), so either path's backward accepts either forward's
-saved tensors.
+Forward (per channel, ``x^n = a v``, ``x^d = a``, ``r = e^{-w}``): job (signal, b) writes its signal into ``X``,
+rolls the exclusive prefix ``P`` (stored in place of what becomes ``δ'``/``den``), then the exclusive suffix ``S``,
+leaving ``P + S`` (the neighbour sums); a second parallel loop over tokens writes ``wkv = (P^n + S^n + e^u x^n) /
+(P^d + S^d + e^u x^d)``, ``den`` and ``δ' = e^u (x^n (P^d + S^d) - a (P^n + S^n)) / den``. The saved tensors are
+exactly those of the torch path (any chunk layout ``[2B, L, nc, C]``, chunk carries included), so either path's
+backward accepts either forward's saved tensors.
 
-Backward (``α = g / den``, ``β = α wkv``): a forward pass rolls the prefix ``Q'`` of ``(α, β)`` (stored in the
-``dk``/``dv`` buffers), the prefix ``P`` of the signals and ``R``, the prefix scan of ``P``, accumulating
-``Σ_j P_j Q_j = Σ_m (α, β)_m R_m``; a reverse pass rolls ``S`` and ``Q`` and writes ``dk``, ``dv`` and
-``Σ_j S_j Q'_j``. ``∂ℓ/∂w`` and ``∂ℓ/∂u`` are accumulated in float64 per (batch, channel) and summed by the caller.
+Backward (``α = g / den``, ``β = α wkv``): job (track, b) — track α pairs with ``x^n``, β with ``x^d`` — rolls
+forward the prefix ``Q'`` of its track (into the ``dv`` / ``dk`` buffer), the prefix ``P`` of its signal and
+``R``, the prefix scan of ``P``, accumulating ``Σ_j P_j Q_j = Σ_m (α, β)_m R_m``; then backward ``S`` and ``Q``,
+accumulating ``Σ_j S_j Q'_j`` and leaving ``Q' + Q`` in the buffer; a last loop over tokens writes ``dk = x^n
+(Q'^α + Q^α) - a (Q'^β + Q^β) + α δ'`` and ``dv = a (Q'^α + Q^α + e^u α)``. ``∂ℓ/∂w`` and ``∂ℓ/∂u`` are
+accumulated in float64 per (track, batch item, channel) and summed by the caller.
 
-The decays ``e^{-w}``, ``e^u`` and all running states are float64 in both kernels (the fp32 signals are stored
-as fp32): a sequential scan over T tokens would otherwise accumulate the fp32 rounding of ``e^{-w}`` T times;
-this way the fp32 output and gradients are within ~1e-7 relative RMS of the float64 reference at any T.
+The decays ``e^{-w}``, ``e^u`` and all running states are float64 in both kernels (signals, neighbour sums and
+buffers are stored in the compute dtype): a sequential scan over T tokens would otherwise accumulate the fp32
+rounding of ``e^{-w}`` T times; this way the fp32 output and gradients are within ~1e-7 relative RMS of the
+float64 reference at any T.
 
 float32 and float64 kernels (compiled on first use per dtype, cached on disk by numba: beside this file, or in the
 user-wide numba cache when the package directory is read-only, or in ``NUMBA_CACHE_DIR``). ``fastmath`` is off:
@@ -57,119 +64,127 @@ def import_error() -> Optional[BaseException]:
 if numba is not None:
 
     @njit(parallel=True, cache=True, fastmath=False)
-    def _fwd_kernel(w, u, k, v, y, X, PS, car, cb):  # pragma: no cover - compiled; tested through the op
-        B, Tp, C = k.shape  # k, v (and y) padded to the Tp = L * nc tokens of the layout: k with -inf, v with 0
+    def _fwd_kernel(w, u, a, v, y, X, PS, car):  # pragma: no cover - compiled; tested through the op
+        B, Tp, C = a.shape  # a = e^{k - max k} and v padded to the Tp = L * nc tokens of the layout (with 0)
         L = X.shape[1]
-        nblk = (C + cb - 1) // cb
-        for job in prange(B * nblk):
-            b = job // nblk
-            c0 = (job % nblk) * cb
-            n = min(cb, C - c0)
-            r = np.exp(-w[c0:c0 + n].astype(np.float64))  # decay and states in float64 whatever the dtype
-            eu = np.exp(u[c0:c0 + n].astype(np.float64))
-            kmax = k[b, 0, c0:c0 + n].copy()
-            for t in range(1, Tp):
-                for c in range(n):
-                    kmax[c] = max(kmax[c], k[b, t, c0 + c])
-            pn = np.zeros_like(r)
-            pd = np.zeros_like(r)
-            for t in range(Tp):  # signals and the exclusive prefix P (into PS)
+        r = np.exp(-w.astype(np.float64))  # decay and states in float64 whatever the dtype
+        eu = np.exp(u.astype(np.float64))
+        for job in prange(2 * B):  # (signal, batch item): row i of X / PS / car; signal 0: a v, 1: a
+            s, b = job // B, job % B
+            i = s * B + b
+            p = np.zeros(C)
+            for t in range(Tp):  # the signal, and the exclusive prefix P (into PS)
                 l, j = t % L, t // L
                 if l == 0:
-                    for c in range(n):
-                        car[0, b, j, c0 + c] = pn[c]
-                        car[0, B + b, j, c0 + c] = pd[c]
-                for c in range(n):
-                    a = np.exp(k[b, t, c0 + c] - kmax[c])
-                    xn = a * v[b, t, c0 + c]
-                    X[b, l, j, c0 + c] = xn
-                    X[B + b, l, j, c0 + c] = a
-                    PS[b, l, j, c0 + c] = pn[c]
-                    PS[B + b, l, j, c0 + c] = pd[c]
-                    pn[c] = r[c] * pn[c] + xn
-                    pd[c] = r[c] * pd[c] + a
-            sn = np.zeros_like(r)
-            sd = np.zeros_like(r)
-            for t in range(Tp - 1, -1, -1):  # the exclusive suffix S rolled; wkv, den, δ'
+                    cr = car[0, i, j]
+                    for c in range(C):
+                        cr[c] = p[c]
+                xr, pr, ar = X[i, l, j], PS[i, l, j], a[b, t]
+                if s == 0:
+                    vr = v[b, t]
+                    for c in range(C):
+                        xr[c] = ar[c] * vr[c]
+                else:
+                    for c in range(C):
+                        xr[c] = ar[c]
+                for c in range(C):
+                    pr[c] = p[c]
+                for c in range(C):
+                    p[c] = r[c] * p[c] + xr[c]
+            p[:] = 0.0
+            for t in range(Tp - 1, -1, -1):  # the exclusive suffix S, added: PS = P + S
                 l, j = t % L, t // L
                 if l == L - 1:
-                    for c in range(n):
-                        car[1, b, j, c0 + c] = sn[c]
-                        car[1, B + b, j, c0 + c] = sd[c]
-                for c in range(n):
-                    xn = X[b, l, j, c0 + c]
-                    a = X[B + b, l, j, c0 + c]
-                    psn = PS[b, l, j, c0 + c] + sn[c]
-                    psd = PS[B + b, l, j, c0 + c] + sd[c]
-                    den = psd + eu[c] * a
-                    y[b, t, c0 + c] = (psn + eu[c] * xn) / den
-                    PS[b, l, j, c0 + c] = eu[c] * (xn * psd - a * psn) / den
-                    PS[B + b, l, j, c0 + c] = den
-                    sn[c] = r[c] * sn[c] + xn
-                    sd[c] = r[c] * sd[c] + a
+                    cr = car[1, i, j]
+                    for c in range(C):
+                        cr[c] = p[c]
+                xr, pr = X[i, l, j], PS[i, l, j]
+                for c in range(C):
+                    pr[c] += p[c]
+                for c in range(C):
+                    p[c] = r[c] * p[c] + xr[c]
+        for row in prange(B * Tp):  # wkv, den, δ' of each token from both signals' neighbour sums
+            b, t = row // Tp, row % Tp
+            l, j = t % L, t // L
+            xn, xd, pn, pd, yr = X[b, l, j], X[B + b, l, j], PS[b, l, j], PS[B + b, l, j], y[b, t]
+            for c in range(C):
+                psn, psd = np.float64(pn[c]), np.float64(pd[c])
+                den = psd + eu[c] * xd[c]
+                yr[c] = (psn + eu[c] * xn[c]) / den
+                pn[c] = eu[c] * (xn[c] * psd - xd[c] * psn) / den
+                pd[c] = den
 
     @njit(parallel=True, cache=True, fastmath=False)
-    def _bwd_kernel(gy, w, u, y, X, DD, dk, dv, dw, du, cb):  # pragma: no cover - compiled
+    def _bwd_kernel(gy, w, u, y, X, DD, dk, dv, dwp, du):  # pragma: no cover - compiled
         B, T, C = gy.shape
         L = X.shape[1]
-        nblk = (C + cb - 1) // cb
-        for job in prange(B * nblk):
-            b = job // nblk
-            c0 = (job % nblk) * cb
-            n = min(cb, C - c0)
-            r = np.exp(-w[c0:c0 + n].astype(np.float64))  # decay and states in float64 whatever the dtype
-            eu = np.exp(u[c0:c0 + n].astype(np.float64))
-            pn, pd = np.zeros_like(r), np.zeros_like(r)  # prefix of the signals
-            rn, rd = np.zeros_like(r), np.zeros_like(r)  # prefix of P
-            qa, qb = np.zeros_like(r), np.zeros_like(r)  # prefix (Q'), then suffix (Q) of α, β
-            acc_wn = np.zeros(n, np.float64)
-            acc_wd = np.zeros(n, np.float64)
-            acc_u = np.zeros(n, np.float64)
+        r = np.exp(-w.astype(np.float64))  # decay and states in float64 whatever the dtype
+        eu = np.exp(u.astype(np.float64))
+        for job in prange(2 * B):  # (track, batch item): track 0 = α with x^n (Q' + Q into dv), 1 = β with x^d (dk)
+            s, b = job // B, job % B
+            i = s * B + b
+            buf = dv if s == 0 else dk
+            al = np.empty(C)  # α or β of the token
+            p, rr, q = np.zeros(C), np.zeros(C), np.zeros(C)  # prefix of the signal, prefix of P, prefix of α/β
+            acc_w, acc_u = np.zeros(C), np.zeros(C)
             for t in range(T):
                 l, j = t % L, t // L
-                for c in range(n):
-                    xn = X[b, l, j, c0 + c]
-                    a = X[B + b, l, j, c0 + c]
-                    al = gy[b, t, c0 + c] / DD[B + b, l, j, c0 + c]
-                    be = al * y[b, t, c0 + c]
-                    acc_u[c] += al * DD[b, l, j, c0 + c]
-                    acc_wn[c] += al * rn[c]
-                    acc_wd[c] += be * rd[c]
-                    dv[b, t, c0 + c] = qa[c]
-                    dk[b, t, c0 + c] = qb[c]
-                    rn[c] = r[c] * rn[c] + pn[c]
-                    rd[c] = r[c] * rd[c] + pd[c]
-                    pn[c] = r[c] * pn[c] + xn
-                    pd[c] = r[c] * pd[c] + a
-                    qa[c] = r[c] * qa[c] + al
-                    qb[c] = r[c] * qb[c] + be
-            sn, sd = pn, pd  # reuse the buffers: suffix of the signals
-            sn[:] = 0.0
-            sd[:] = 0.0
-            qa[:] = 0.0
-            qb[:] = 0.0
+                g, den, xr, br = gy[b, t], DD[B + b, l, j], X[i, l, j], buf[b, t]
+                if s == 0:
+                    for c in range(C):
+                        al[c] = g[c] / den[c]
+                    dl = DD[b, l, j]
+                    for c in range(C):
+                        acc_u[c] += al[c] * dl[c]
+                else:
+                    yr = y[b, t]
+                    for c in range(C):
+                        al[c] = g[c] / den[c] * yr[c]
+                for c in range(C):
+                    acc_w[c] += al[c] * rr[c]
+                for c in range(C):
+                    br[c] = q[c]
+                for c in range(C):
+                    q[c] = r[c] * q[c] + al[c]
+                for c in range(C):
+                    rr[c] = r[c] * rr[c] + p[c]
+                for c in range(C):
+                    p[c] = r[c] * p[c] + xr[c]
+            p[:] = 0.0
+            q[:] = 0.0
             for t in range(T - 1, -1, -1):
                 l, j = t % L, t // L
-                for c in range(n):
-                    xn = X[b, l, j, c0 + c]
-                    a = X[B + b, l, j, c0 + c]
-                    al = gy[b, t, c0 + c] / DD[B + b, l, j, c0 + c]
-                    be = al * y[b, t, c0 + c]
-                    qpa = dv[b, t, c0 + c]
-                    qpb = dk[b, t, c0 + c]
-                    acc_wn[c] += sn[c] * qpa
-                    acc_wd[c] += sd[c] * qpb
-                    sa = qpa + qa[c]
-                    sb = qpb + qb[c]
-                    dk[b, t, c0 + c] = xn * sa - a * sb + al * DD[b, l, j, c0 + c]
-                    dv[b, t, c0 + c] = a * (sa + eu[c] * al)
-                    sn[c] = r[c] * sn[c] + xn
-                    sd[c] = r[c] * sd[c] + a
-                    qa[c] = r[c] * qa[c] + al
-                    qb[c] = r[c] * qb[c] + be
-            for c in range(n):
-                dw[b, c0 + c] = -r[c] * (acc_wn[c] - acc_wd[c])
-                du[b, c0 + c] = acc_u[c]
+                g, den, xr, br = gy[b, t], DD[B + b, l, j], X[i, l, j], buf[b, t]
+                if s == 0:
+                    for c in range(C):
+                        al[c] = g[c] / den[c]
+                else:
+                    yr = y[b, t]
+                    for c in range(C):
+                        al[c] = g[c] / den[c] * yr[c]
+                for c in range(C):
+                    acc_w[c] += p[c] * br[c]
+                for c in range(C):
+                    br[c] = br[c] + q[c]
+                for c in range(C):
+                    q[c] = r[c] * q[c] + al[c]
+                for c in range(C):
+                    p[c] = r[c] * p[c] + xr[c]
+            for c in range(C):
+                dwp[i, c] = acc_w[c]
+            if s == 0:
+                for c in range(C):
+                    du[b, c] = acc_u[c]
+        for row in prange(B * T):  # dk, dv of each token from both tracks
+            b, t = row // T, row % T
+            l, j = t % L, t // L
+            g, den, dl, xn, xd = gy[b, t], DD[B + b, l, j], DD[b, l, j], X[b, l, j], X[B + b, l, j]
+            dkr, dvr = dk[b, t], dv[b, t]
+            for c in range(C):
+                al = np.float64(g[c] / den[c])
+                sa, sb = np.float64(dvr[c]), np.float64(dkr[c])
+                dkr[c] = xn[c] * sa - xd[c] * sb + al * dl[c]
+                dvr[c] = xd[c] * (sa + eu[c] * al)
 
 
 @contextmanager
@@ -189,12 +204,6 @@ def threads() -> Iterator[None]:
             torch.set_num_threads(n)
 
 
-def _block(B: int, C: int) -> int:
-    """Channels per parallel job: 8–64 (a multiple of 8), small enough that there are >= 2 jobs per thread."""
-    per = (B * C) // (2 * numba.get_num_threads())
-    return int(min(64, max(8, 8 * (per // 8))))
-
-
 def _np(x: torch.Tensor):
     return x.detach().numpy()
 
@@ -207,15 +216,16 @@ def forward(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     B, T, C = k.shape
     Tp = L * nc
     w, u, k32, v32 = (t.to(cd).contiguous() for t in (w, u, k, v))
+    a = torch.exp(k32 - k32.amax(1, keepdim=True))  # the one exp per element: torch's vectorised one
     if Tp != T:
-        k32 = F.pad(k32, (0, 0, 0, Tp - T), value=float("-inf"))
+        a = F.pad(a, (0, 0, 0, Tp - T))
         v32 = F.pad(v32, (0, 0, 0, Tp - T))
     y = torch.empty(B, Tp, C, dtype=cd)
     X = torch.empty(2 * B, L, nc, C, dtype=cd)
     PS = torch.empty_like(X)
     car = torch.empty(2, 2 * B, nc, C, dtype=cd)
     with threads():
-        _fwd_kernel(_np(w), _np(u), _np(k32), _np(v32), _np(y), _np(X), _np(PS), _np(car), _block(B, C))
+        _fwd_kernel(_np(w), _np(u), _np(a), _np(v32), _np(y), _np(X), _np(PS), _np(car))
     return y[:, :T].to(v.dtype).contiguous(), X, PS, car
 
 
@@ -228,9 +238,9 @@ def backward(gy: torch.Tensor, w: torch.Tensor, u: torch.Tensor, y: torch.Tensor
     X, DD = X.contiguous(), DD.contiguous()
     dk = torch.empty(B, T, C, dtype=cd)
     dv = torch.empty_like(dk)
-    dw = torch.empty(B, C, dtype=torch.float64)
-    du = torch.empty_like(dw)
+    dwp = torch.empty(2 * B, C, dtype=torch.float64)  # Σ_j (P^n Q^α + S^n Q'^α) rows, then the β rows
+    du = torch.empty(B, C, dtype=torch.float64)
     with threads():
-        _bwd_kernel(_np(gy), _np(w), _np(u), _np(y), _np(X), _np(DD), _np(dk), _np(dv), _np(dw), _np(du),
-                    _block(B, C))
-    return dw.sum(0).to(cd), du.sum(0).to(cd), dk, dv
+        _bwd_kernel(_np(gy), _np(w), _np(u), _np(y), _np(X), _np(DD), _np(dk), _np(dv), _np(dwp), _np(du))
+    dw = -torch.exp(-w.double()) * (dwp[:B].sum(0) - dwp[B:].sum(0))
+    return dw.to(cd), du.sum(0).to(cd), dk, dv

@@ -9,8 +9,8 @@ autograd registered, so ``torch.compile(fullgraph=True)`` traces it):
   ``torch.lerp`` per row — two passes over ``[B, T, C]`` for the shift and one per output;
 * on CPU, when :func:`linvision.ops.biwkv.cpu_kernel` says ``numba`` (the default where numba imports;
   ``LINVISION_BIWKV_CPU=torch`` turns it off), a compiled kernel reads x once and writes every output in the
-  same pass (no shifted copy, no pad), with ``torch.lerp``'s own arithmetic (``s + μ (e - s)`` for ``|μ| < 0.5``, else
-  ``e - (e - s)(1 - μ)``), so the two agree to fp32 rounding.
+  same pass (no pad), as ``s + μ (e - s)`` (``torch.lerp``'s arithmetic for ``|μ| < 0.5``; for other μ the two
+  agree to fp32 rounding).
 
 The backward is torch ops on any device: ``∂x = Σ_i μ_i g_i + q_shift^T(Σ_i (1 - μ_i) g_i)``,
 ``∂μ_i = Σ_{b,t} g_i (x - q_shift(x))``; ``q_shift^T`` is Q-Shift with each quarter's direction reversed.
@@ -54,19 +54,23 @@ def _q_shift_lerp_op(x: torch.Tensor, mix: torch.Tensor, H: int, W: int, shift: 
     return _q_shift_lerp_torch(x, mix, H, W, shift)
 
 
+def _q_shift_lerp_numba(x: torch.Tensor, mix: torch.Tensor, H: int, W: int, shift: int) -> torch.Tensor:
+    from . import biwkv_cpu, qshift_cpu  # numba: imported on first use only
+
+    x, mix = x.detach().contiguous(), mix.detach().contiguous()
+    out = x.new_empty(mix.shape[0], *x.shape)
+    with biwkv_cpu.threads():
+        qshift_cpu.q_shift_lerp_kernel(x.numpy(), mix.numpy(), out.numpy(), H, W, shift)
+    return out
+
+
 @_q_shift_lerp_op.register_kernel("cpu")
 def _(x, mix, H, W, shift):
     from .biwkv import cpu_kernel
 
     if cpu_kernel() == "torch" or x.dtype not in (torch.float32, torch.float64) or mix.dtype != x.dtype:
         return _q_shift_lerp_torch(x, mix, H, W, shift)
-    from . import biwkv_cpu, qshift_cpu  # numba: imported on first use only
-
-    x, mix = x.contiguous(), mix.contiguous()
-    out = x.new_empty(mix.shape[0], *x.shape)
-    with biwkv_cpu.threads():
-        qshift_cpu.q_shift_lerp_kernel(x.detach().numpy(), mix.detach().numpy(), out.numpy(), H, W, shift)
-    return out
+    return _q_shift_lerp_numba(x, mix, H, W, shift)
 
 
 @_q_shift_lerp_op.register_fake
@@ -90,6 +94,31 @@ def _backward(ctx, g):
 
 
 _q_shift_lerp_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _QShiftLerpCPU(torch.autograd.Function):
+    """Eager CPU ``q_shift_lerp`` on the compiled kernel: the custom op without its dispatch (see
+    :func:`linvision.ops.biwkv.eager_cpu_kernel`); same backward."""
+
+    @staticmethod
+    def forward(ctx, x, mix, H, W, shift):
+        ctx.save_for_backward(x, mix)
+        ctx.args = (H, W, shift)
+        return _q_shift_lerp_numba(x, mix, H, W, shift)
+
+    @staticmethod
+    def backward(ctx, g):
+        from . import biwkv_cpu, qshift_cpu
+
+        x, mix = (t.detach().contiguous() for t in ctx.saved_tensors)
+        H, W, shift = ctx.args
+        g = g.to(x.dtype).contiguous()
+        gx, hb = torch.empty_like(x), torch.empty_like(x)
+        gmp = torch.empty(x.shape[0] * H, *mix.shape, dtype=torch.float64)  # ∂μ partial sums, one block per job
+        with biwkv_cpu.threads():
+            qshift_cpu.q_shift_lerp_bwd(x.numpy(), mix.numpy(), g.numpy(), gx.numpy(), hb.numpy(), gmp.numpy(),
+                                        H, W, shift)
+        return gx, gmp.sum(0).to(mix.dtype), None, None, None
 
 
 def q_shift_lerp(x: torch.Tensor, mix: torch.Tensor, grid: Tuple[int, int], shift: int = 1) -> torch.Tensor:
@@ -116,8 +145,13 @@ def q_shift_lerp(x: torch.Tensor, mix: torch.Tensor, grid: Tuple[int, int], shif
         raise ValueError(f"q_shift: grid {grid} does not match T={T}")
     if mix.dim() != 2 or mix.shape[1] != C:
         raise ValueError(f"q_shift_lerp: mix must be [n, C={C}], got {tuple(mix.shape)}")
-    from .biwkv import cpu_kernel
+    from .biwkv import cpu_kernel, eager_cpu_kernel
     if x.device.type != "cpu" or torch.compiler.is_exporting() or cpu_kernel() == "torch":  # plain tensor ops
         # (also under torch.export / ONNX: a graph of standard ops, no linvision custom op)
         return _q_shift_lerp_torch(x, mix.to(x.dtype), int(H), int(W), int(shift))
-    return torch.ops.linvision.q_shift_lerp(x, mix.to(x.dtype), int(H), int(W), int(shift))
+    mix = mix.to(x.dtype)
+    if x.dtype in (torch.float32, torch.float64) and eager_cpu_kernel(x):  # the kernel without the op's dispatch
+        if torch.is_grad_enabled() and (x.requires_grad or mix.requires_grad):
+            return _QShiftLerpCPU.apply(x, mix, int(H), int(W), int(shift))
+        return _q_shift_lerp_numba(x, mix, int(H), int(W), int(shift))
+    return torch.ops.linvision.q_shift_lerp(x, mix, int(H), int(W), int(shift))
