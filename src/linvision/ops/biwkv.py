@@ -384,14 +384,15 @@ def _backward(ctx, gy, *_):
 _bi_wkv_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def eager_cpu_kernel(x: torch.Tensor) -> bool:
+def eager_cpu_kernel(x: torch.Tensor, kernel: Optional[str] = None) -> bool:
     """True when an op on ``x`` may call the compiled CPU kernels directly instead of through its custom op: a CPU
     tensor, the numba path on (:func:`cpu_kernel`), eager mode (not inside ``torch.compile``/``torch.export``) and
     no dispatch mode active (``FlopCounterMode``, ``FakeTensorMode``, ... see the custom op and its registered
     FLOP formula and fake kernel). Skips the custom op's dispatch, measured at ~70 µs a call on this machine kind
-    (a fifth of the whole Bi-WKV forward at 224², T = 197)."""
+    (a fifth of the whole Bi-WKV forward at 224², T = 197). ``kernel``: :func:`cpu_kernel`'s answer when the caller
+    has it already."""
     return (x.device.type == "cpu" and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
-            and cpu_kernel() == "numba")
+            and (kernel or cpu_kernel()) == "numba")
 
 
 class _BiWKVCPU(torch.autograd.Function):
@@ -523,9 +524,10 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
     if triton_enabled(w, u, k, v):  # CUDA: the Triton kernels (their op imports Triton when it first runs)
         L = wkv_chunk_len(k.shape[1]) if chunk_size is None else max(int(chunk_size), 1)
         return torch.ops.linvision.bi_wkv_triton_fwd(w, u, k, v, L)[0]
+    kernel = cpu_kernel() if k.device.type == "cpu" else None
     if chunk_size is None:  # the compiled CPU kernel scans sequentially: one chunk (natural layout)
-        chunk_size = 0 if k.device.type == "cpu" and cpu_kernel() == "numba" else _auto_chunk(*k.shape)
-    if eager_cpu_kernel(k):  # the same kernels, without the custom op's dispatch
+        chunk_size = 0 if kernel == "numba" else _auto_chunk(*k.shape)
+    if kernel == "numba" and eager_cpu_kernel(k, kernel):  # the same kernels, without the custom op's dispatch
         if torch.is_grad_enabled() and any(t.requires_grad for t in (w, u, k, v)):
             return _BiWKVCPU.apply(w, u, k, v, int(chunk_size))
         from . import biwkv_cpu

@@ -34,8 +34,8 @@ results differ from the torch path only by the order of the additions.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Optional, Tuple
+import threading
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -187,21 +187,39 @@ if numba is not None:
                 dvr[c] = xd[c] * (sa + eu[c] * al)
 
 
-@contextmanager
-def threads() -> Iterator[None]:
-    """Run a compiled kernel on ``torch.get_num_threads()`` threads (numba's count := torch's, capped by numba's
-    pool, so ``--threads`` holds), and leave torch's count as it was. numba's OpenMP threading layer shares the
-    OpenMP runtime with torch and sets its thread count to numba's pool size when it starts (the first parallel
-    kernel in a process): without the restore, everything torch computed after that first kernel ran on another
-    thread count, with another order of additions, than the same computation later in the process — so a training
-    run was not bit-identical to its resumed copy (tests/test_biwkv.py::test_numba_keeps_torch_thread_count)."""
-    n = torch.get_num_threads()
-    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != n:
-            torch.set_num_threads(n)
+_TLS = threading.local()  # numba's thread count as last set from this Python thread (numba's count is per thread)
+
+
+class threads:
+    """``with threads(name):`` run a compiled kernel on ``torch.get_num_threads()`` threads (numba's count := torch's,
+    capped by numba's pool, so ``--threads`` holds), and leave torch's count as it was. numba's OpenMP threading
+    layer sets the OpenMP thread count to numba's pool size when it starts (the first parallel kernel in a
+    process): without the restore, everything torch computed after that first kernel ran on another thread count,
+    with another order of additions, than the same computation later in the process — so a training run was not
+    bit-identical to its resumed copy (tests/test_biwkv.py::test_numba_keeps_torch_thread_count). While a
+    ``torch.profiler`` runs, the kernel shows in its tables under ``name``. A class, not a generator context
+    manager, and numba's count is set only when it changes: this runs around every kernel call (~2 µs, was ~9)."""
+
+    __slots__ = ("name", "n", "rf")
+
+    def __init__(self, name: str = "linvision::numba_kernel"):
+        self.name = name
+
+    def __enter__(self) -> None:
+        n = self.n = torch.get_num_threads()
+        want = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
+        if getattr(_TLS, "n", None) != want:
+            numba.set_num_threads(want)
+            _TLS.n = want
+        self.rf = torch.profiler.record_function(self.name) if torch.autograd._profiler_enabled() else None
+        if self.rf is not None:
+            self.rf.__enter__()
+
+    def __exit__(self, *exc) -> None:
+        if self.rf is not None:
+            self.rf.__exit__(*exc)
+        if torch.get_num_threads() != self.n:
+            torch.set_num_threads(self.n)
 
 
 def _np(x: torch.Tensor):
@@ -224,7 +242,7 @@ def forward(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     X = torch.empty(2 * B, L, nc, C, dtype=cd)
     PS = torch.empty_like(X)
     car = torch.empty(2, 2 * B, nc, C, dtype=cd)
-    with threads():
+    with threads("linvision::bi_wkv_fwd (numba)"):
         _fwd_kernel(_np(w), _np(u), _np(a), _np(v32), _np(y), _np(X), _np(PS), _np(car))
     return y[:, :T].to(v.dtype).contiguous(), X, PS, car
 
@@ -240,7 +258,7 @@ def backward(gy: torch.Tensor, w: torch.Tensor, u: torch.Tensor, y: torch.Tensor
     dv = torch.empty_like(dk)
     dwp = torch.empty(2 * B, C, dtype=torch.float64)  # Σ_j (P^n Q^α + S^n Q'^α) rows, then the β rows
     du = torch.empty(B, C, dtype=torch.float64)
-    with threads():
+    with threads("linvision::bi_wkv_bwd (numba)"):
         _bwd_kernel(_np(gy), _np(w), _np(u), _np(y), _np(X), _np(DD), _np(dk), _np(dv), _np(dwp), _np(du))
     dw = -torch.exp(-w.double()) * (dwp[:B].sum(0) - dwp[B:].sum(0))
     return dw.to(cd), du.sum(0).to(cd), dk, dv

@@ -57,10 +57,10 @@ def _q_shift_lerp_op(x: torch.Tensor, mix: torch.Tensor, H: int, W: int, shift: 
 def _q_shift_lerp_numba(x: torch.Tensor, mix: torch.Tensor, H: int, W: int, shift: int) -> torch.Tensor:
     from . import biwkv_cpu, qshift_cpu  # numba: imported on first use only
 
-    x, mix = x.detach().contiguous(), mix.detach().contiguous()
     out = x.new_empty(mix.shape[0], *x.shape)
-    with biwkv_cpu.threads():
-        qshift_cpu.q_shift_lerp_kernel(x.numpy(), mix.numpy(), out.numpy(), H, W, shift)
+    with biwkv_cpu.threads("linvision::q_shift_lerp (numba)"):
+        qshift_cpu.q_shift_lerp_kernel(x.detach().contiguous().numpy(), mix.detach().contiguous().numpy(), out.numpy(),
+                                       H, W, shift)
     return out
 
 
@@ -115,7 +115,7 @@ class _QShiftLerpCPU(torch.autograd.Function):
         g = g.to(x.dtype).contiguous()
         gx, hb = torch.empty_like(x), torch.empty_like(x)
         gmp = torch.empty(x.shape[0] * H, *mix.shape, dtype=torch.float64)  # ∂μ partial sums, one block per job
-        with biwkv_cpu.threads():
+        with biwkv_cpu.threads("linvision::q_shift_lerp_bwd (numba)"):
             qshift_cpu.q_shift_lerp_bwd(x.numpy(), mix.numpy(), g.numpy(), gx.numpy(), hb.numpy(), gmp.numpy(),
                                         H, W, shift)
         return gx, gmp.sum(0).to(mix.dtype), None, None, None
@@ -146,11 +146,11 @@ def q_shift_lerp(x: torch.Tensor, mix: torch.Tensor, grid: Tuple[int, int], shif
     if mix.dim() != 2 or mix.shape[1] != C:
         raise ValueError(f"q_shift_lerp: mix must be [n, C={C}], got {tuple(mix.shape)}")
     from .biwkv import cpu_kernel, eager_cpu_kernel
-    if x.device.type != "cpu" or torch.compiler.is_exporting() or cpu_kernel() == "torch":  # plain tensor ops
-        # (also under torch.export / ONNX: a graph of standard ops, no linvision custom op)
+    kernel = "torch" if x.device.type != "cpu" or torch.compiler.is_exporting() else cpu_kernel()
+    if kernel == "torch":  # plain tensor ops (also under torch.export / ONNX: a graph of standard ops, no custom op)
         return _q_shift_lerp_torch(x, mix.to(x.dtype), int(H), int(W), int(shift))
     mix = mix.to(x.dtype)
-    if x.dtype in (torch.float32, torch.float64) and eager_cpu_kernel(x):  # the kernel without the op's dispatch
+    if x.dtype in (torch.float32, torch.float64) and eager_cpu_kernel(x, kernel):  # the kernel, no op dispatch
         if torch.is_grad_enabled() and (x.requires_grad or mix.requires_grad):
             return _QShiftLerpCPU.apply(x, mix, int(H), int(W), int(shift))
         return _q_shift_lerp_numba(x, mix, int(H), int(W), int(shift))
