@@ -30,9 +30,9 @@ MAIN_JOB: dict[str, Any] = {
     "data": None,            # None: the embedded CIFAR-10 subset (500 train + 100 test images per class, 32x32)
     "img_size": 32,
     "patch_size": 8,         # 4x4 tokens
-    "epochs": 6,             # with the install, within 10 minutes on 2 CPU cores (README)
+    "epochs": 7,             # with the install, within 10 minutes on 2 CPU cores (README)
     "recipe": "auto",        # auto | short | deit: see linvision/engine/recipe.py (auto: short for <= 20 epochs)
-    "batch_size": None,      # per process; None: global 128, halved while an epoch has < 32 steps (recipe.py)
+    "batch_size": None,      # per process; None: global 128, halved while an epoch has < 64 steps (recipe.py)
     "lr": None,              # None: the recipe's (short: 2e-3 Vision-RWKV/ViR, 1e-3 others; deit 1e-3)
     "lr_base_size": 128,     # --lr is the peak lr at this global batch; scaled linearly with the global batch
     "min_lr": 1e-5,
