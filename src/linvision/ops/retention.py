@@ -21,6 +21,7 @@ from collections import OrderedDict
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from ._triton import triton_enabled
 
@@ -233,12 +234,61 @@ def retention_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma
             and triton_enabled(q, k, v, *([] if initial_state is None else [initial_state]))):
         return _chunkwise_triton(q, k, v, gamma, scale, initial_state, output_final_state, chunk_size)
     scale = K ** -0.5 if scale is None else scale
-    S, outs = initial_state, []
-    for s in range(0, T, chunk_size):
-        sl = slice(s, s + chunk_size)
-        o, S = retention_parallel(q[:, sl], k[:, sl], v[:, sl], gamma, scale, S, output_final_state=True)
-        outs.append(o)
-    o = torch.cat(outs, dim=1) if outs else v.new_zeros(v.shape)
-    if output_final_state and S is None:  # T == 0 and no state given
-        S = q.new_zeros(q.shape[0], q.shape[2], K, v.shape[-1])
-    return o, (S if output_final_state else None)
+    if T == 0:
+        S = initial_state.to(q.dtype) if initial_state is not None else q.new_zeros(q.shape[0], q.shape[2], K,
+                                                                                   v.shape[-1])
+        return v.new_zeros(v.shape), (S if output_final_state else None)
+    return _chunkwise_batched(q, k, v, gamma, scale, initial_state, output_final_state, min(int(chunk_size), T))
+
+
+def _chunk_state_decays(gamma: torch.Tensor, L: int, nc: int, dtype: torch.dtype, device: torch.device):
+    """``(M [H, nc, nc], G [H, nc, 1, 1])``: ``M[c, i] = γ^(L (c-1-i))`` for ``i < c`` (else 0), the weight of
+    chunk i's total in the state entering chunk c, and ``G[c] = γ^(L c)``, that of the initial state. Built in
+    float64 log space, decays below e^-60 exactly 0 (as :func:`_decay_factors`)."""
+    with torch.inference_mode(False), torch.no_grad():
+        log_g = torch.log(gamma.to(device=device, dtype=torch.float64))[:, None, None] * L  # [H, 1, 1]
+        c = torch.arange(nc, device=device, dtype=torch.float64)
+        gap = c[:, None] - 1 - c[None, :]  # c - 1 - i
+        e = log_g * gap.clamp(min=0)
+        M = torch.where((gap >= 0) & (e > _LOG_TINY), torch.exp(e), torch.zeros((), dtype=torch.float64,
+                                                                                device=device))
+        eg = log_g[:, :, 0] * c  # [H, nc]
+        G = torch.where(eg > _LOG_TINY, torch.exp(eg), torch.zeros((), dtype=torch.float64, device=device))
+    return M.to(dtype), G[..., None, None].to(dtype)
+
+
+def _chunkwise_batched(q, k, v, gamma, scale, initial_state, output_final_state, L) -> Out:
+    """The chunkwise form with every chunk computed at once (batched over chunks; no Python loop over them):
+    intra-chunk ``((q kᵀ) ⊙ D) v`` for all chunks in one batched matmul, the chunk totals ``Σ_j γ^(L-1-j) k_jᵀ v_j``
+    likewise, the states entering each chunk from the totals by one matmul with the ``[nc, nc]`` decay matrix
+    ``γ^(L (c-1-i))`` (:func:`_chunk_state_decays`), then the cross-chunk term ``γ^(i+1) q_i S_c`` — the
+    equations of :func:`retention_chunkwise`, in the order of fla's ``chunk`` retention. T is zero-padded to a
+    multiple of L (padded keys and values add nothing; the final state is taken after the true last token)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    nc = -(-T // L)
+    Tp = nc * L
+    D, inner, tail, _ = _decay_factors(gamma, L, scale, q.dtype, q.device)  # [H, L, L], [H, L, 1] x2
+
+    def chunks(x: torch.Tensor) -> torch.Tensor:  # [B, T, H, X] -> [B, H, nc, L, X]
+        x = x.transpose(1, 2)
+        if Tp != T:
+            x = F.pad(x, (0, 0, 0, Tp - T))
+        return x.reshape(B, H, nc, L, x.shape[-1])
+
+    qc, kc, vc = chunks(q), chunks(k), chunks(v.to(q.dtype))
+    o = ((qc @ kc.transpose(-1, -2)) * D[:, None]) @ vc  # [B, H, nc, L, V]
+    KV = (kc * tail[:, None]).transpose(-1, -2) @ vc  # [B, H, nc, K, V]: each chunk's total
+    M, G = _chunk_state_decays(gamma, L, nc, q.dtype, q.device)
+    S_in = (M @ KV.reshape(B, H, nc, K * V)).reshape(B, H, nc, K, V)  # state entering each chunk
+    if initial_state is not None:
+        S_in = S_in + G * initial_state.to(q.dtype)[:, :, None]
+    o = o + inner[:, None] * (qc @ S_in)  # cross-chunk term (scale folded into inner)
+    o = o.reshape(B, H, Tp, V)[:, :, :T].transpose(1, 2).to(v.dtype)
+    S = None
+    if output_final_state:  # after the last true token: the last chunk holds r = T - (nc - 1) L of them
+        r = T - (nc - 1) * L
+        _, _, tail_r, g_r = _decay_factors(gamma, r, scale, q.dtype, q.device)
+        kr, vr = kc[:, :, -1, :r], vc[:, :, -1, :r]
+        S = (kr * tail_r).transpose(-1, -2) @ vr + g_r * S_in[:, :, -1]
+    return o, S
