@@ -391,3 +391,27 @@ def test_numba_keeps_torch_thread_count():
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("T,chunk", [(37, None), (50, 8)])
+def test_eager_numba_path_equals_the_custom_op(monkeypatch, T, chunk):
+    """On CPU with numba, eager calls skip the custom op (``_BiWKVCPU``, no dispatch): same outputs and gradients,
+    bit for bit, as ``torch.ops.linvision.bi_wkv_fwd`` with its registered autograd; under a dispatch mode
+    (``FlopCounterMode``) the op is used, so FLOPs are still counted."""
+    monkeypatch.setenv(biwkv_module.CPU_KERNEL_ENV, "numba")
+    w, u, k, v = (t.requires_grad_() for t in _wkv_inputs(2, T, 11))
+    assert biwkv_module.eager_cpu_kernel(k)
+    y = bi_wkv(w, u, k, v, chunk_size=chunk)
+    assert y.grad_fn is not None and "BiWKVCPU" in type(y.grad_fn).__name__
+    y_op = torch.ops.linvision.bi_wkv_fwd(w, u, k, v, 0 if chunk is None else chunk)[0]
+    assert torch.equal(y, y_op)
+    g = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad((y * g).sum(), (w, u, k, v)), torch.autograd.grad((y_op * g).sum(),
+                                                                                          (w, u, k, v))):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        assert torch.equal(bi_wkv(w, u, k, v, chunk_size=chunk), y)
+    with FlopCounterMode(display=False) as fc:
+        assert not biwkv_module.eager_cpu_kernel(k)
+        bi_wkv(w, u, k, v, chunk_size=chunk)
+    assert fc.get_total_flops() > 0

@@ -326,3 +326,17 @@ def test_vrwkv_large_internimage_format(tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(dst(x), src(x))
+
+
+def test_vrwkv_in_place_inference_equals_the_training_forward():
+    """Without gradients the RWKV blocks run their elementwise ops in place (layers/rwkv.py): same logits, bit for
+    bit, as the forward that keeps the graph (eval mode, so no dropout/drop path)."""
+    torch.manual_seed(0)
+    m = timm.create_model("vrwkv_tiny", num_classes=10, img_size=32, patch_size=8).eval()
+    x = torch.randn(2, 3, 32, 32)
+    y = m(x)
+    assert y.requires_grad
+    with torch.no_grad():
+        assert torch.equal(m(x), y)
+    with torch.inference_mode():
+        assert torch.equal(m(x), y)

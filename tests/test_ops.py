@@ -140,3 +140,21 @@ def test_q_shift_lerp_is_a_custom_op_and_checks_input():
         q_shift_lerp(x, mix, (3, 5))
     with pytest.raises(ValueError, match="mix must be"):
         q_shift_lerp(x, mix[:, :4], (3, 4))
+
+
+def test_q_shift_lerp_eager_kernel_backward_matches_torch_ops(monkeypatch):
+    """The eager CPU path (compiled forward and backward, no custom-op dispatch) against the plain tensor-op form:
+    outputs and gradients of x and μ (fp32, several outputs, a shift of 2, C not a multiple of 4)."""
+    from linvision.ops.qshift import _q_shift_lerp_torch, q_shift_lerp
+
+    monkeypatch.setenv("LINVISION_BIWKV_CPU", "numba")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5 * 6, 14, generator=g, requires_grad=True)
+    mix = (torch.rand(3, 14, generator=g) * 1.4 - 0.2).requires_grad_()
+    out = q_shift_lerp(x, mix, (5, 6), 2)
+    assert "QShiftLerpCPU" in type(out.grad_fn).__name__
+    ref = _q_shift_lerp_torch(x, mix, 5, 6, 2)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    go = torch.randn(out.shape, generator=g)
+    for a, b in zip(torch.autograd.grad((out * go).sum(), (x, mix)), torch.autograd.grad((ref * go).sum(), (x, mix))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -219,8 +219,10 @@ def retention_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma
         o_i   = Σ_{j<=i} γ^(i-j) (q_i · k_j) v_j  +  γ^(i+1) q_i S          (intra-chunk + cross-chunk)
         S_out = γ^L S + Σ_j γ^(L-1-j) k_jᵀ v_j
 
-    which is :func:`retention_parallel` with ``initial_state`` applied to each chunk in turn. The last chunk
-    may be shorter (T need not be a multiple of ``chunk_size``). Memory O(B H chunk²) instead of O(B H T²).
+    which is :func:`retention_parallel` with ``initial_state`` applied to each chunk in turn — computed for all
+    chunks at once (:func:`_chunkwise_batched`: batched matmuls, the chunk states from one ``[nc, nc]`` decay
+    matmul; no Python loop over chunks). The last chunk may be shorter (T need not be a multiple of
+    ``chunk_size``). Memory O(B H T chunk) instead of O(B H T²).
     On CUDA (float32/bf16/fp16, head dims <= 128, gamma without gradient, Triton installed, ``LINVISION_TRITON``
     not ``0``) the Triton kernels of :mod:`linvision.ops.retention_triton` run instead (chunk length
     ``chunk_size`` rounded to a power of two in [16, 64]; the final state in q's dtype).
