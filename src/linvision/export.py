@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from .errors import LinvisionError
 from .ops.biwkv import bi_wkv
-from .ops.retention import retention_chunkwise, retention_recurrent
+from .ops.retention import retention_chunkwise, retention_chunkwise_batched, retention_recurrent
 
 __all__ = ["bi_wkv_cumsum", "retention_chunkwise_matmul", "EXPORT_FORMS", "register_export_form", "export_mode",
            "export_program", "export_onnx", "export_checkpoint", "onnx_parity", "onnx_vs_eager_timing", "FORMATS",
@@ -47,7 +47,6 @@ __all__ = ["bi_wkv_cumsum", "retention_chunkwise_matmul", "EXPORT_FORMS", "regis
 
 FORMATS = ("onnx", "pt2")
 PARITY_TOL = 1e-4  # max abs logit difference accepted between the exported file and eager PyTorch
-_LOG_TINY = -60.0  # decays below e^-60 are set to exactly 0 (no denormals), as ops.retention does
 
 
 # ------------------------------------------------------------------------------------------- pure-tensor forms
@@ -82,53 +81,25 @@ def bi_wkv_cumsum(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Te
     return (tot[0] / tot[1]).to(v.dtype)
 
 
-def _decay(log_g: torch.Tensor, diff: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``[H, *diff.shape]``: ``γ^diff`` where ``diff >= 0``, else 0; tiny values exactly 0."""
-    ex = log_g.to(dtype).view(-1, *([1] * diff.dim())) * diff.clamp(min=0).to(dtype)
-    keep = (diff >= 0) & (ex > _LOG_TINY)
-    return torch.where(keep, torch.exp(ex), torch.zeros((), dtype=dtype, device=ex.device))
-
-
 def retention_chunkwise_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor,
                                scale: Optional[float] = None, initial_state: Optional[torch.Tensor] = None,
                                output_final_state: bool = False, chunk_size: int = 64):
-    """Chunkwise retention (RetNet Eq. 7, :func:`linvision.ops.retention_chunkwise`) without a loop over chunks:
-    export form for ViR.
-
-    T is padded to ``n`` chunks of ``L = chunk_size``; inside a chunk, the ``[L, L]`` decayed scores; the state
-    entering chunk j is ``Σ_{j'<j} γ^{L (j-1-j')} K_{j'}`` with ``K_j = Σ_l γ^{L-1-l} k_lᵀ v_l``, one ``[n, n]``
-    decay matmul over the chunk states; token l of chunk j adds ``γ^{l+1} q_l S_j``.
+    """Chunkwise retention without a loop over chunks: export form for ViR — the op's own batched form
+    :func:`linvision.ops.retention.retention_chunkwise_batched` (plain tensor ops, no cache), whole sequences.
 
     Args:
         q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; gamma: ``[H]``; scale: q multiplier (default ``K ** -0.5``).
         initial_state, output_final_state: not supported (the exported graph sees whole sequences).
 
     Returns:
-        ``(o [B, T, H, V] in q's dtype, None)``.
+        ``(o [B, T, H, V] in v's dtype, None)``.
 
     Raises:
         ValueError: a state was requested.
     """
     if initial_state is not None or output_final_state:
         raise ValueError("retention_chunkwise_matmul: states are not supported (export form, whole sequences)")
-    B, T, H, K = q.shape
-    V, L, dt = v.shape[-1], int(chunk_size), q.dtype
-    scale = K ** -0.5 if scale is None else scale
-    n = (T + L - 1) // L
-    pad = n * L - T
-    qc, kc, vc = (F.pad(t.transpose(1, 2), (0, 0, 0, pad)).reshape(B, H, n, L, t.shape[-1]) for t in (q, k, v))
-    log_g = torch.log(gamma.to(torch.float64))
-    li = torch.arange(L, device=q.device)
-    D = _decay(log_g, li[:, None] - li[None, :], torch.float64)  # [H, L, L]
-    tail = _decay(log_g, L - 1 - li, torch.float64)[:, None, :, None].to(dt)  # [H, 1, L, 1]: γ^{L-1-l}
-    head = (_decay(log_g, li + 1, torch.float64) * scale)[:, None, :, None].to(dt)  # γ^{l+1} · scale
-    o = ((qc @ kc.transpose(-1, -2)) * (D * scale).to(dt)[:, None]) @ vc  # intra-chunk [B, H, n, L, V]
-    states = (kc * tail).transpose(-1, -2) @ vc  # [B, H, n, K, V]
-    ci = torch.arange(n, device=q.device)
-    Dn = _decay(log_g * L, ci[:, None] - 1 - ci[None, :], torch.float64).to(dt)  # [H, n, n], j' < j
-    S = (Dn @ states.reshape(B, H, n, K * V)).reshape(B, H, n, K, V)
-    o = o + (qc * head) @ S
-    return o.reshape(B, H, n * L, V)[:, :, :T].transpose(1, 2), None
+    return retention_chunkwise_batched(q, k, v, gamma, scale, chunk_size=chunk_size)
 
 
 # ------------------------------------------------------------------------------------------- registry

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from ._triton import triton_enabled
 
-__all__ = ["retention_ref", "retention_parallel", "retention_recurrent", "retention_chunkwise", "decay_gammas",
+__all__ = ["retention_ref", "retention_parallel", "retention_recurrent", "retention_chunkwise",
+           "retention_chunkwise_batched", "decay_powers", "decay_gammas",
            "op_chunk_size", "auto_chunk_size", "auto_form", "AUTO_PARALLEL_MAX_TOKENS"]
 
 Out = Tuple[torch.Tensor, Optional[torch.Tensor]]
@@ -220,7 +221,7 @@ def retention_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma
         S_out = γ^L S + Σ_j γ^(L-1-j) k_jᵀ v_j
 
     which is :func:`retention_parallel` with ``initial_state`` applied to each chunk in turn — computed for all
-    chunks at once (:func:`_chunkwise_batched`: batched matmuls, the chunk states from one ``[nc, nc]`` decay
+    chunks at once (:func:`retention_chunkwise_batched`: batched matmuls, the chunk states from one ``[nc, nc]`` decay
     matmul; no Python loop over chunks). The last chunk may be shorter (T need not be a multiple of
     ``chunk_size``). Memory O(B H T chunk) instead of O(B H T²).
     On CUDA (float32/bf16/fp16, head dims <= 128, gamma without gradient, Triton installed, ``LINVISION_TRITON``
@@ -240,57 +241,57 @@ def retention_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma
         S = initial_state.to(q.dtype) if initial_state is not None else q.new_zeros(q.shape[0], q.shape[2], K,
                                                                                    v.shape[-1])
         return v.new_zeros(v.shape), (S if output_final_state else None)
-    return _chunkwise_batched(q, k, v, gamma, scale, initial_state, output_final_state, min(int(chunk_size), T))
+    return retention_chunkwise_batched(q, k, v, gamma, scale, initial_state, output_final_state,
+                                       min(int(chunk_size), T))
 
 
-def _chunk_state_decays(gamma: torch.Tensor, L: int, nc: int, dtype: torch.dtype, device: torch.device):
-    """``(M [H, nc, nc], G [H, nc, 1, 1])``: ``M[c, i] = γ^(L (c-1-i))`` for ``i < c`` (else 0), the weight of
-    chunk i's total in the state entering chunk c, and ``G[c] = γ^(L c)``, that of the initial state. Built in
-    float64 log space, decays below e^-60 exactly 0 (as :func:`_decay_factors`)."""
-    with torch.inference_mode(False), torch.no_grad():
-        log_g = torch.log(gamma.to(device=device, dtype=torch.float64))[:, None, None] * L  # [H, 1, 1]
-        c = torch.arange(nc, device=device, dtype=torch.float64)
-        gap = c[:, None] - 1 - c[None, :]  # c - 1 - i
-        e = log_g * gap.clamp(min=0)
-        M = torch.where((gap >= 0) & (e > _LOG_TINY), torch.exp(e), torch.zeros((), dtype=torch.float64,
-                                                                                device=device))
-        eg = log_g[:, :, 0] * c  # [H, nc]
-        G = torch.where(eg > _LOG_TINY, torch.exp(eg), torch.zeros((), dtype=torch.float64, device=device))
-    return M.to(dtype), G[..., None, None].to(dtype)
+def decay_powers(log_g: torch.Tensor, diff: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[H, *diff.shape]``: ``γ^diff`` (from ``log_g = log γ``, ``[H]``) where ``diff >= 0``, else 0; powers below
+    e^-60 exactly 0 (no denormals). Plain tensor ops: traceable by ``torch.export``."""
+    ex = log_g.to(dtype).view(-1, *([1] * diff.dim())) * diff.clamp(min=0).to(dtype)
+    keep = (diff >= 0) & (ex > _LOG_TINY)
+    return torch.where(keep, torch.exp(ex), torch.zeros((), dtype=dtype, device=ex.device))
 
 
-def _chunkwise_batched(q, k, v, gamma, scale, initial_state, output_final_state, L) -> Out:
-    """The chunkwise form with every chunk computed at once (batched over chunks; no Python loop over them):
-    intra-chunk ``((q kᵀ) ⊙ D) v`` for all chunks in one batched matmul, the chunk totals ``Σ_j γ^(L-1-j) k_jᵀ v_j``
-    likewise, the states entering each chunk from the totals by one matmul with the ``[nc, nc]`` decay matrix
-    ``γ^(L (c-1-i))`` (:func:`_chunk_state_decays`), then the cross-chunk term ``γ^(i+1) q_i S_c`` — the
-    equations of :func:`retention_chunkwise`, in the order of fla's ``chunk`` retention. T is zero-padded to a
-    multiple of L (padded keys and values add nothing; the final state is taken after the true last token)."""
+def retention_chunkwise_batched(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor,
+                                scale: Optional[float] = None, initial_state: Optional[torch.Tensor] = None,
+                                output_final_state: bool = False, chunk_size: int = 64) -> Out:
+    """The chunkwise form (:func:`retention_chunkwise`'s equations) with every chunk computed at once, no Python
+    loop over chunks (also the ``torch.export`` form of ViR's retention: :mod:`linvision.export`).
+
+    T is zero-padded to ``n`` chunks of ``L = chunk_size`` (padded keys and values add nothing); inside a chunk
+    the ``[L, L]`` decayed scores, for all chunks in one batched matmul; each chunk's total
+    ``K_j = Σ_l γ^(L-1-l) k_lᵀ v_l`` likewise; the state entering chunk j, ``Σ_{j'<j} γ^(L (j-1-j')) K_{j'}
+    + γ^(L j) S_0``, by one matmul with the ``[n, n]`` decay matrix; token l of chunk j adds ``γ^(l+1) q_l S_j``
+    (the order of fla's ``chunk`` retention). The final state is taken after the true last token. Decays are
+    built in float64 (:func:`decay_powers`) and cast to q's dtype; the output is in v's dtype, the final state in
+    q's. Same arguments, returns and errors as :func:`retention_ref`, T >= 1.
+    """
     B, T, H, K = q.shape
-    V = v.shape[-1]
-    nc = -(-T // L)
-    Tp = nc * L
-    D, inner, tail, _ = _decay_factors(gamma, L, scale, q.dtype, q.device)  # [H, L, L], [H, L, 1] x2
-
-    def chunks(x: torch.Tensor) -> torch.Tensor:  # [B, T, H, X] -> [B, H, nc, L, X]
-        x = x.transpose(1, 2)
-        if Tp != T:
-            x = F.pad(x, (0, 0, 0, Tp - T))
-        return x.reshape(B, H, nc, L, x.shape[-1])
-
-    qc, kc, vc = chunks(q), chunks(k), chunks(v.to(q.dtype))
-    o = ((qc @ kc.transpose(-1, -2)) * D[:, None]) @ vc  # [B, H, nc, L, V]
-    KV = (kc * tail[:, None]).transpose(-1, -2) @ vc  # [B, H, nc, K, V]: each chunk's total
-    M, G = _chunk_state_decays(gamma, L, nc, q.dtype, q.device)
-    S_in = (M @ KV.reshape(B, H, nc, K * V)).reshape(B, H, nc, K, V)  # state entering each chunk
+    V, L, dt = v.shape[-1], int(chunk_size), q.dtype
+    scale = K ** -0.5 if scale is None else scale
+    n = (T + L - 1) // L
+    qc, kc, vc = (F.pad(t.to(dt).transpose(1, 2), (0, 0, 0, n * L - T)).reshape(B, H, n, L, t.shape[-1])
+                  for t in (q, k, v))  # [B, H, n, L, *]
+    log_g = torch.log(gamma.detach().to(torch.float64))
+    li = torch.arange(L, device=q.device)
+    D = (decay_powers(log_g, li[:, None] - li[None, :], torch.float64) * scale).to(dt)  # [H, L, L]
+    tail = decay_powers(log_g, L - 1 - li, torch.float64)[:, None, :, None].to(dt)  # [H, 1, L, 1]: γ^(L-1-l)
+    head = (decay_powers(log_g, li + 1, torch.float64) * scale)[:, None, :, None].to(dt)  # γ^(l+1) · scale
+    o = ((qc @ kc.transpose(-1, -2)) * D[:, None]) @ vc  # intra-chunk [B, H, n, L, V]
+    totals = (kc * tail).transpose(-1, -2) @ vc  # [B, H, n, K, V]
+    ci = torch.arange(n, device=q.device)
+    Dn = decay_powers(log_g * L, ci[:, None] - 1 - ci[None, :], torch.float64).to(dt)  # [H, n, n], j' < j
+    S = (Dn @ totals.reshape(B, H, n, K * V)).reshape(B, H, n, K, V)  # state entering each chunk
     if initial_state is not None:
-        S_in = S_in + G * initial_state.to(q.dtype)[:, :, None]
-    o = o + inner[:, None] * (qc @ S_in)  # cross-chunk term (scale folded into inner)
-    o = o.reshape(B, H, Tp, V)[:, :, :T].transpose(1, 2).to(v.dtype)
-    S = None
-    if output_final_state:  # after the last true token: the last chunk holds r = T - (nc - 1) L of them
-        r = T - (nc - 1) * L
-        _, _, tail_r, g_r = _decay_factors(gamma, r, scale, q.dtype, q.device)
-        kr, vr = kc[:, :, -1, :r], vc[:, :, -1, :r]
-        S = (kr * tail_r).transpose(-1, -2) @ vr + g_r * S_in[:, :, -1]
-    return o, S
+        S = S + decay_powers(log_g * L, ci, torch.float64).to(dt)[:, :, None, None] * initial_state.to(dt)[:, :, None]
+    o = o + (qc * head) @ S
+    o = o.reshape(B, H, n * L, V)[:, :, :T].transpose(1, 2).to(v.dtype)
+    final = None
+    if output_final_state:  # the last chunk holds r = T - (n - 1) L true tokens
+        r = T - (n - 1) * L
+        lr = torch.arange(r, device=q.device)
+        tail_r = decay_powers(log_g, r - 1 - lr, torch.float64)[:, :, None].to(dt)  # [H, r, 1]
+        g_r = decay_powers(log_g, torch.tensor(r, device=q.device), torch.float64).to(dt)[:, None, None]
+        final = (kc[:, :, -1, :r] * tail_r).transpose(-1, -2) @ vc[:, :, -1, :r] + g_r * S[:, :, -1]
+    return o, final
