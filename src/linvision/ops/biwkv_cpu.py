@@ -114,6 +114,16 @@ if numba is not None:
                 pn[c] = eu[c] * (xn[c] * psd - xd[c] * psn) / den
                 pd[c] = den
 
+    @njit(cache=True, inline="always")
+    def _track(al, g, den, yr, s):  # pragma: no cover - compiled
+        """One token's α = g / den (track 0) or β = α wkv (track 1) into ``al``."""
+        if s == 0:
+            for c in range(al.shape[0]):
+                al[c] = g[c] / den[c]
+        else:
+            for c in range(al.shape[0]):
+                al[c] = g[c] / den[c] * yr[c]
+
     @njit(parallel=True, cache=True, fastmath=False)
     def _bwd_kernel(gy, w, u, y, X, DD, dk, dv, dwp, du):  # pragma: no cover - compiled
         B, T, C = gy.shape
@@ -129,17 +139,12 @@ if numba is not None:
             acc_w, acc_u = np.zeros(C), np.zeros(C)
             for t in range(T):
                 l, j = t % L, t // L
-                g, den, xr, br = gy[b, t], DD[B + b, l, j], X[i, l, j], buf[b, t]
+                xr, br = X[i, l, j], buf[b, t]
+                _track(al, gy[b, t], DD[B + b, l, j], y[b, t], s)
                 if s == 0:
-                    for c in range(C):
-                        al[c] = g[c] / den[c]
                     dl = DD[b, l, j]
                     for c in range(C):
                         acc_u[c] += al[c] * dl[c]
-                else:
-                    yr = y[b, t]
-                    for c in range(C):
-                        al[c] = g[c] / den[c] * yr[c]
                 for c in range(C):
                     acc_w[c] += al[c] * rr[c]
                 for c in range(C):
@@ -154,14 +159,8 @@ if numba is not None:
             q[:] = 0.0
             for t in range(T - 1, -1, -1):
                 l, j = t % L, t // L
-                g, den, xr, br = gy[b, t], DD[B + b, l, j], X[i, l, j], buf[b, t]
-                if s == 0:
-                    for c in range(C):
-                        al[c] = g[c] / den[c]
-                else:
-                    yr = y[b, t]
-                    for c in range(C):
-                        al[c] = g[c] / den[c] * yr[c]
+                xr, br = X[i, l, j], buf[b, t]
+                _track(al, gy[b, t], DD[B + b, l, j], y[b, t], s)
                 for c in range(C):
                     acc_w[c] += p[c] * br[c]
                 for c in range(C):
