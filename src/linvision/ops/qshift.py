@@ -12,8 +12,11 @@ autograd registered, so ``torch.compile(fullgraph=True)`` traces it):
   same pass (no pad), as ``s + μ (e - s)`` (``torch.lerp``'s arithmetic for ``|μ| < 0.5``; for other μ the two
   agree to fp32 rounding).
 
-The backward is torch ops on any device: ``∂x = Σ_i μ_i g_i + q_shift^T(Σ_i (1 - μ_i) g_i)``,
-``∂μ_i = Σ_{b,t} g_i (x - q_shift(x))``; ``q_shift^T`` is Q-Shift with each quarter's direction reversed.
+The backward: ``∂x = Σ_i μ_i g_i + q_shift^T(Σ_i (1 - μ_i) g_i)``, ``∂μ_i = Σ_{b,t} g_i (x - q_shift(x))``;
+``q_shift^T`` is Q-Shift with each quarter's direction reversed. Torch ops in the custom op's registered autograd
+(what ``torch.compile`` traces); in eager CPU runs with numba the op's dispatch is skipped
+(:func:`linvision.ops.biwkv.eager_cpu_kernel`, ~70 µs a call) and forward and backward are compiled kernels
+(:mod:`linvision.ops.qshift_cpu`).
 """
 from __future__ import annotations
 
