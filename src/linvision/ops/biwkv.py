@@ -454,9 +454,9 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
     :mod:`linvision.ops.biwkv_triton` (the same scans, fused; custom op ``linvision::bi_wkv_triton_fwd``/``_bwd``);
     Triton is imported only then. On CPU, when numba imports (``LINVISION_BIWKV_CPU`` unset or ``auto``; ``numba``
     requires it, ``torch`` turns it off) the op runs the compiled kernels of :mod:`linvision.ops.biwkv_cpu`
-    instead (the same scans, one sequential pass per direction over a block of channels, states in float64;
-    default ``chunk_size`` there: one chunk); see
-    :func:`cpu_kernel`.
+    instead (the same scans, one sequential pass per direction over whole token rows, one job per batch item and
+    signal, states in float64; default ``chunk_size`` there: one chunk) — in eager mode without the custom op's
+    dispatch (:func:`eager_cpu_kernel`); see :func:`cpu_kernel`.
 
     **Forward.** Per channel (dropped from the notation), with ``a_i = e^{k_i - max_j k_j}`` (the max cancels in the
     ratio) and two signals ``x^n_i = a_i v_i``, ``x^d_i = a_i``::
