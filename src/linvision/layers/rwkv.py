@@ -130,6 +130,6 @@ class ChannelMix(nn.Module):
         else:
             xk = xr = x
         k, r = self.key(xk), self.receptance(xr)
-        if _inference(k):  # in place: no new [B, T, 4C] tensors (measured ~0.2 ms a block at 224² on 2 cores)
+        if _inference(k):  # in place: no new [B, T, 4C] tensors
             return torch.sigmoid_(r).mul_(self.value(self.key_norm(torch.relu_(k).square_())))
         return torch.sigmoid(r) * self.value(self.key_norm(torch.square(torch.relu(k))))

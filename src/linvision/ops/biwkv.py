@@ -350,13 +350,19 @@ def cpu_kernel() -> str:
     return choice
 
 
+def _numba_forward(w, u, k, v, chunk_size: int):
+    """The compiled CPU forward (:func:`linvision.ops.biwkv_cpu.forward`) in the layout of ``chunk_size``: ``(y,
+    X, [δ' ; den], carries)``, as the custom op returns them."""
+    from . import biwkv_cpu
+
+    return biwkv_cpu.forward(w, u, k, v, *_chunking(k.shape[1], chunk_size), _compute_dtype(w, u, k, v))
+
+
 @_bi_wkv_fwd_op.register_kernel("cpu")
 def _(w, u, k, v, chunk_size):
     if cpu_kernel() == "torch":
         return _bi_wkv_forward(w, u, k, v, chunk_size)
-    from . import biwkv_cpu
-
-    return biwkv_cpu.forward(w, u, k, v, *_chunking(k.shape[1], chunk_size), _compute_dtype(w, u, k, v))
+    return _numba_forward(w, u, k, v, chunk_size)
 
 
 @_bi_wkv_bwd_op.register_kernel("cpu")
@@ -400,9 +406,7 @@ class _BiWKVCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, u, k, v, chunk_size):
-        from . import biwkv_cpu
-
-        y, X, DD, _ = biwkv_cpu.forward(w, u, k, v, *_chunking(k.shape[1], chunk_size), _compute_dtype(w, u, k, v))
+        y, X, DD, _ = _numba_forward(w, u, k, v, chunk_size)
         ctx.save_for_backward(w, u, y, X, DD)
         ctx.dtypes = (w.dtype, u.dtype, k.dtype, v.dtype)
         return y
@@ -530,9 +534,7 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
     if kernel == "numba" and eager_cpu_kernel(k, kernel):  # the same kernels, without the custom op's dispatch
         if torch.is_grad_enabled() and any(t.requires_grad for t in (w, u, k, v)):
             return _BiWKVCPU.apply(w, u, k, v, int(chunk_size))
-        from . import biwkv_cpu
-
-        return biwkv_cpu.forward(w, u, k, v, *_chunking(k.shape[1], int(chunk_size)), _compute_dtype(w, u, k, v))[0]
+        return _numba_forward(w, u, k, v, int(chunk_size))[0]
     return torch.ops.linvision.bi_wkv_fwd(w, u, k, v, int(chunk_size))[0]
 
 

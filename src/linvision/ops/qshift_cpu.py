@@ -24,22 +24,32 @@ def _gather(dst, src, c0, c1, inside):  # pragma: no cover - compiled
             dst[c] = 0.0
 
 
+@njit(cache=True, inline="always")
+def _shifted_row(sh, x, b, h, w, H, W, s):  # pragma: no cover - compiled
+    """``sh := q_shift(x)`` at token ``(h, w)`` of batch item b: four channel quarters from four neighbours (zero
+    at borders), channels past ``4 * (C // 4)`` unshifted."""
+    T, C = x.shape[1], x.shape[2]
+    q = C // 4
+    t = h * W + w
+    _gather(sh, x[b, max(t - s, 0)], 0, q, w >= s)  # from the left:  x[h, w - s]
+    _gather(sh, x[b, min(t + s, T - 1)], q, 2 * q, w + s < W)  # from the right: x[h, w + s]
+    _gather(sh, x[b, max(t - s * W, 0)], 2 * q, 3 * q, h >= s)  # from above: x[h - s, w]
+    _gather(sh, x[b, min(t + s * W, T - 1)], 3 * q, 4 * q, h + s < H)  # from below: x[h + s, w]
+    e = x[b, t]
+    for c in range(4 * q, C):
+        sh[c] = e[c]
+
+
 @njit(parallel=True, cache=True, fastmath=False)
 def q_shift_lerp_kernel(x, mix, out, H, W, s):  # pragma: no cover - compiled
     B, T, C = x.shape
-    q = C // 4
     for job in prange(B * H):
         b, h = job // H, job % H
         sh = np.empty(C, x.dtype)  # q_shift(x) of the token
         for w in range(W):
             t = h * W + w
             e = x[b, t]
-            _gather(sh, x[b, max(t - s, 0)], 0, q, w >= s)  # from the left:  x[h, w - s]
-            _gather(sh, x[b, min(t + s, T - 1)], q, 2 * q, w + s < W)  # from the right: x[h, w + s]
-            _gather(sh, x[b, max(t - s * W, 0)], 2 * q, 3 * q, h >= s)  # from above: x[h - s, w]
-            _gather(sh, x[b, min(t + s * W, T - 1)], 3 * q, 4 * q, h + s < H)  # from below: x[h + s, w]
-            for c in range(4 * q, C):  # channels past 4 * (C // 4): unshifted
-                sh[c] = e[c]
+            _shifted_row(sh, x, b, h, w, H, W, s)
             for i in range(mix.shape[0]):
                 o, m = out[i, b, t], mix[i]
                 for c in range(C):
@@ -65,12 +75,7 @@ def q_shift_lerp_bwd(x, mix, g, gx, hb, gmp, H, W, s):  # pragma: no cover - com
         for w in range(W):
             t = h * W + w
             e = x[b, t]
-            _gather(sh, x[b, max(t - s, 0)], 0, q, w >= s)
-            _gather(sh, x[b, min(t + s, T - 1)], q, 2 * q, w + s < W)
-            _gather(sh, x[b, max(t - s * W, 0)], 2 * q, 3 * q, h >= s)
-            _gather(sh, x[b, min(t + s * W, T - 1)], 3 * q, 4 * q, h + s < H)
-            for c in range(4 * q, C):
-                sh[c] = e[c]
+            _shifted_row(sh, x, b, h, w, H, W, s)
             gr, hr = gx[b, t], hb[b, t]
             for c in range(C):
                 gr[c] = 0.0

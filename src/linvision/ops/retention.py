@@ -146,16 +146,12 @@ def _decay_factors(gamma: torch.Tensor, T: int, scale: float, dtype: torch.dtype
 def _build_decay_factors(gamma: torch.Tensor, T: int, scale: float, dtype: torch.dtype, device: torch.device):
     # float64 for masks small enough to cache (built once); larger ones are rebuilt per call, in the compute dtype
     wide = torch.float64 if gamma.shape[0] * T * T <= _FACTOR_CACHE_MAX_ELEMS or dtype == torch.float64 else dtype
-    log_g = torch.log(gamma.to(device=device, dtype=wide))[:, None, None]  # [H, 1, 1]
+    log_g = torch.log(gamma.to(device=device, dtype=wide))  # [H]
     n = torch.arange(T, device=device, dtype=wide)
-    diff = n[:, None] - n[None, :]
-
-    def decay(e: torch.Tensor) -> torch.Tensor:  # exp(e) with e <= 0, tiny values flushed to exactly 0
-        return torch.where(e > _LOG_TINY, torch.exp(e), torch.zeros((), dtype=e.dtype, device=device))
-
-    D = torch.where(diff >= 0, decay(log_g * diff.clamp(min=0)), torch.zeros((), dtype=wide, device=device))
-    return ((D * scale).to(dtype), (decay(log_g * (n + 1)[:, None]) * scale).to(dtype),
-            decay(log_g * (T - 1 - n)[:, None]).to(dtype), decay(log_g * T).to(dtype))
+    D = decay_powers(log_g, n[:, None] - n[None, :], wide)  # [H, T, T]
+    return ((D * scale).to(dtype), (decay_powers(log_g, (n + 1)[:, None], wide) * scale).to(dtype),
+            decay_powers(log_g, (T - 1 - n)[:, None], wide).to(dtype), decay_powers(log_g, n.new_full((1, 1), T),
+                                                                                    wide).to(dtype))
 
 
 def retention_parallel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor,
