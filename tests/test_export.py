@@ -22,6 +22,7 @@ from linvision.ops.retention import retention_chunkwise, retention_ref
 # family -> (timm name, model args: non-trivial layer scale so every mixer matters, export size, dynamic size step)
 FAMILIES = {
     "vrwkv": ("test_vrwkv", dict(init_values=1.0), 64),
+    "vrwkv6": ("test_vrwkv6", dict(), 64),
     "vir": ("test_vir", dict(init_values=1.0, chunk_size=8, mode="chunkwise"), 64),
     "vir2d": ("test_vir2d", dict(init_values=1.0), 64),
     "resnas": ("test_resnas", dict(), 112),
@@ -192,3 +193,20 @@ def test_torch_export_graph_has_no_linvision_op(name):
     ep = export_program(model, (32, 32), batch=1)
     ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
     assert not any("linvision" in o for o in ops)
+
+
+@pytest.mark.parametrize("name", ["test_vrwkv", "test_vrwkv6", "test_vir"])
+def test_dynamic_export_serves_other_sizes(name):
+    """A fast guard for the slow ONNX dynamic parity test: a dynamic ``torch.export`` program is not pinned to the
+    traced size (e.g. an ``int()`` of the symbolic patch grid would bake the example's grid into a ``view``); it
+    reproduces eager at other batches and non-square sizes with fewer and more chunks of its chunked op than traced
+    (the trace has several: a count of 1 there would pin the graph to one chunk)."""
+    import timm
+    from linvision.export import PARITY_TOL, export_program
+    torch.manual_seed(0)
+    model = timm.create_model(name, img_size=32, patch_size=8).eval()
+    ep = export_program(model, (32, 32), dynamic=True)
+    for shape in [(3, 3, 56, 48), (1, 3, 136, 200)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            assert (ep.module()(x) - model(x)).abs().max() <= PARITY_TOL, shape

@@ -15,6 +15,8 @@ on T (so ``--dynamic`` exports one graph for any batch and image size); the defa
   recurrence unrolled into one decayed ``[n, n]`` matmul over the chunk states (n = ⌈T / chunk⌉), no loop. The
   graph runs the blocks one after another over all tokens, which equals ViR's chunk-by-chunk-through-all-blocks
   evaluation (retention is causal and everything else is per token). Memory O(T·chunk + n²·d²).
+* **VRWKV6's WKV6** → :func:`~linvision.ops.wkv6_loop_free`: the op's chunked form with the cross-chunk state
+  recurrence as a fixed-depth doubling scan instead of a loop over chunks.
 * **ViR-2D** → its parallel form (already pure tensors; O(T²) memory). **ViT-ResNAS** needs nothing.
 
 Substitutions live in :data:`EXPORT_FORMS`, keyed by the function a module calls (``bi_wkv``,
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 import os
 import shutil
@@ -40,6 +43,7 @@ import torch.nn.functional as F
 from .errors import LinvisionError
 from .ops.biwkv import bi_wkv
 from .ops.retention import retention_chunkwise, retention_chunkwise_batched, retention_recurrent
+from .ops.wkv6 import wkv6, wkv6_loop_free
 
 __all__ = ["bi_wkv_cumsum", "retention_chunkwise_matmul", "EXPORT_FORMS", "register_export_form", "export_mode",
            "export_program", "export_onnx", "export_checkpoint", "onnx_parity", "onnx_vs_eager_timing", "FORMATS",
@@ -122,6 +126,7 @@ EXPORT_FORMS: Dict[Callable, Callable[[Dict[str, Any]], Callable]] = {
     bi_wkv: _bi_wkv_form,
     retention_chunkwise: _retention_chunkwise_form,
     retention_recurrent: _retention_chunkwise_form,
+    wkv6: lambda kw: functools.partial(wkv6_loop_free, chunk_size=kw.get("chunk_size", 16)),
 }
 
 
@@ -134,11 +139,7 @@ def register_export_form(target: Callable, make: Callable[[Dict[str, Any]], Call
 
 def _substitute(fn: Any) -> Optional[Callable]:
     base, kw = (fn.func, dict(fn.keywords)) if isinstance(fn, functools.partial) else (fn, {})
-    try:
-        make = EXPORT_FORMS.get(base)
-    except TypeError:  # unhashable
-        return None
-    return None if make is None else make(kw)
+    return EXPORT_FORMS[base](kw) if _known(base) else None
 
 
 @contextlib.contextmanager
@@ -196,6 +197,28 @@ def size_multiple(model: nn.Module) -> int:
     return int(ps[0] if isinstance(ps, (tuple, list)) else ps)
 
 
+def _max_chunk(model: nn.Module) -> int:
+    """The largest ``chunk_size`` of the ops :data:`EXPORT_FORMS` knows that the model's modules call (bound by
+    ``functools.partial``, else the function's default); 1 if none."""
+    sizes = [1]
+    for mod in model.modules():
+        for val in vars(mod).values():
+            for f in (val.values() if isinstance(val, dict) else [val]):
+                base, kw = (f.func, f.keywords) if isinstance(f, functools.partial) else (f, {})
+                if callable(base) and not isinstance(base, (nn.Module, torch.Tensor)) and _known(base):
+                    param = inspect.signature(base).parameters.get("chunk_size")
+                    size = kw.get("chunk_size", param.default if param is not None else None)
+                    sizes += [int(size)] if isinstance(size, int) else []
+    return max(sizes)
+
+
+def _known(fn: Callable) -> bool:
+    try:
+        return fn in EXPORT_FORMS
+    except TypeError:  # unhashable
+        return False
+
+
 def _example(model: nn.Module, img_size: Tuple[int, int], batch: int) -> torch.Tensor:
     p = next(iter(model.parameters()))
     in_chans = getattr(model, "pretrained_cfg", {}).get("input_size", (3,))[0]
@@ -223,7 +246,10 @@ def export_program(model: nn.Module, img_size: Sequence[int], dynamic: bool = Fa
     Args:
         model: a linvision classifier.
         img_size: ``(H, W)`` of the example input (dynamic: at least 2 patches a side are traced).
-        dynamic: batch and image sides symbolic (sides: multiples of :func:`size_multiple`).
+        dynamic: batch and image sides symbolic (sides: multiples of :func:`size_multiple`). Traced at a size
+            where every chunked op has several chunks (and ``img_size`` at least), the graph then serves every
+            size with at least 2 patches a side and more tokens than one chunk of its chunked ops (ViR: 64,
+            VRWKV6: 16); smaller inputs fail its shape guard (``torch.export`` specializes sizes of 1).
         batch: example batch (default 2 if dynamic — a size-1 example would be specialized — else 1).
 
     Raises:
@@ -235,8 +261,10 @@ def export_program(model: nn.Module, img_size: Sequence[int], dynamic: bool = Fa
     if dynamic and (H % m or W % m):
         raise LinvisionError(f"--dynamic export of {name} needs --img-size sides that are multiples of {m}, "
                              f"got {H}x{W}")
-    # dynamic: trace at >= 2 patches a side (a side of 1 would be specialized); the graph serves every size
-    x = _example(model, (max(H, 2 * m), max(W, 2 * m)) if dynamic else (H, W), batch or (2 if dynamic else 1))
+    if dynamic:  # trace where no size is 0 or 1 (those would be specialized): sides, chunk counts, remainders
+        rows = max(2, math.isqrt(2 * _max_chunk(model)) + 1)  # > 2 chunks of the largest chunked form
+        H, W = max(H, rows * m), max(W, (rows + 1) * m)
+    x = _example(model, (H, W), batch or (2 if dynamic else 1))
     shapes = None
     if dynamic:
         Dim = torch.export.Dim

@@ -151,7 +151,8 @@ def q_shift_lerp(x: torch.Tensor, mix: torch.Tensor, grid: Tuple[int, int], shif
     from .biwkv import cpu_kernel, eager_cpu_kernel
     kernel = "torch" if x.device.type != "cpu" or torch.compiler.is_exporting() else cpu_kernel()
     if kernel == "torch":  # plain tensor ops (also under torch.export / ONNX: a graph of standard ops, no custom op)
-        return _q_shift_lerp_torch(x, mix.to(x.dtype), int(H), int(W), int(shift))
+        # H, W as given: under a dynamic torch.export they are symbolic, and int() would pin the graph to one size
+        return _q_shift_lerp_torch(x, mix.to(x.dtype), H, W, int(shift))
     mix = mix.to(x.dtype)
     if x.dtype in (torch.float32, torch.float64) and eager_cpu_kernel(x, kernel):  # the kernel, no op dispatch
         if torch.is_grad_enabled() and (x.requires_grad or mix.requires_grad):

@@ -23,12 +23,17 @@ Two forms, same signature ``(r, k, v, w, u) -> y``:
   token: 0/0); across chunks a ``[N, N]`` state per head is carried. Backward is autograd through this form,
   checkpointed: only the inputs are kept for backward (as the official kernel keeps r, k, v, w, u), the chunked
   form is recomputed there; transient memory O(B·T·C·L) (the ``[L, L, N]`` pairwise decays of each chunk).
+* :func:`wkv6_loop_free` — the same chunked form with the cross-chunk state recurrence as a fixed number of
+  doubling steps (no loop whose length depends on T): the form ``torch.export`` / ONNX take, one graph for every
+  image size (:mod:`linvision.export`).
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["wkv6", "wkv6_ref"]
+__all__ = ["wkv6", "wkv6_ref", "wkv6_loop_free"]
+
+SCAN_LEVELS = 15  # wkv6_loop_free: doubling steps, enough for 2**15 chunks (524,288 tokens at the default chunk)
 
 
 def _check(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor, fn: str):
@@ -96,12 +101,40 @@ def _intra_chunk(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, excl: torch.
     return A @ v
 
 
-def _causal_chunked(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lw: torch.Tensor, L: int) -> torch.Tensor:
+def _states_loop(chunk_decay: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+    """Exclusive chunk states ``S_c = sum_{c'<c} (prod_{c'<m<c} d_m) U_{c'}`` of ``d = chunk_decay``
+    ``[B', H, n, N, 1]`` and ``U`` ``[B', H, n, N, N]``: the recurrence ``S_{c+1} = d_c S_c + U_c``, chunk by chunk."""
+    S = U.new_zeros(U[:, :, 0].shape)
+    states = []
+    for c in range(U.shape[2]):
+        states.append(S)
+        S = chunk_decay[:, :, c] * S + U[:, :, c]
+    return torch.stack(states, dim=2)
+
+
+def _states_scan(chunk_decay: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+    """:func:`_states_loop` without a loop over chunks: an inclusive Hillis–Steele scan of the pairs ``(d_c, U_c)``
+    in :data:`SCAN_LEVELS` doubling steps (step ``j`` folds in the pair ``2**j`` chunks earlier; shifting pads with
+    the identity ``(1, 0)``, so steps beyond n change nothing), then shifted by one chunk. Decay products only
+    shrink (every factor <= 1): nothing overflows."""
+    n = U.shape[2]
+    F = torch.nn.functional
+    d, S = chunk_decay, U
+    for j in range(SCAN_LEVELS):
+        s = 1 << j
+        S = S + d * F.pad(S, (0, 0, 0, 0, s, 0))[:, :, :n]
+        d = d * F.pad(d, (0, 0, 0, 0, s, 0), value=1.0)[:, :, :n]
+    return F.pad(S, (0, 0, 0, 0, 1, 0))[:, :, :n]
+
+
+def _causal_chunked(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lw: torch.Tensor, L: int,
+                    loop_free: bool = False) -> torch.Tensor:
     """Strictly causal part ``sum_{s<t} r_t diag(prod_{m=s+1}^{t-1} a_m) k_s^T v_s`` of ``[B', H, T, N]`` inputs,
-    ``lw = log a = -exp(w)`` (float64), in chunks of ``L`` tokens; result in ``r.dtype``."""
+    ``lw = log a = -exp(w)`` (float64), in chunks of ``L`` tokens; result in ``r.dtype``. ``loop_free``: no Python
+    control flow on T (always padded; chunk states by :func:`_states_scan`)."""
     Bq, H, T, N = r.shape
     pad = (-T) % L
-    if pad:  # trailing zero tokens (log-decay 0) change nothing before them
+    if loop_free or pad:  # trailing zero tokens (log-decay 0) change nothing before them
         r, k, v, lw = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (r, k, v, lw))
     n = (T + pad) // L
     r, k, v, lw = (x.reshape(Bq, H, n, L, N) for x in (r, k, v, lw))
@@ -113,12 +146,8 @@ def _causal_chunked(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lw: torch
     k_end = k * torch.exp(incl[..., -1:, :] - incl).to(dt)  # decay from s to the chunk's end (exclusive of s)
     U = k_end.transpose(-1, -2) @ v  # [B', H, n, N, N]
     chunk_decay = torch.exp(incl[..., -1, :]).to(dt)[..., None]  # [B', H, n, N, 1]
-    S = r.new_zeros(Bq, H, N, N)
-    states = []
-    for c in range(n):
-        states.append(S)
-        S = chunk_decay[:, :, c] * S + U[:, :, c]
-    y = y + (r * torch.exp(excl).to(dt)) @ torch.stack(states, dim=2)
+    states = (_states_scan if loop_free else _states_loop)(chunk_decay, U)
+    y = y + (r * torch.exp(excl).to(dt)) @ states
     return y.reshape(Bq, H, n * L, N)[:, :, :T]
 
 
@@ -148,8 +177,24 @@ def wkv6(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: 
     return _wkv6_chunked(r, k, v, w, u, chunk_size)
 
 
+def wkv6_loop_free(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
+                   chunk_size: int = 16) -> torch.Tensor:
+    """Bidirectional WKV6 for ``torch.export`` / ONNX: :func:`wkv6`'s chunked form with no Python control flow on
+    T — every T padded to whole chunks, the cross-chunk states by a fixed-depth doubling scan — so one exported
+    graph serves every image size. Same contract and result as :func:`wkv6` (to rounding); up to
+    ``chunk_size * 2**SCAN_LEVELS`` tokens. Not checkpointed (an inference form).
+
+    Raises:
+        ValueError: on mismatched shapes or ``chunk_size < 1``.
+    """
+    _check(r, k, v, w, u, "wkv6_loop_free")
+    if chunk_size < 1:
+        raise ValueError(f"wkv6_loop_free: chunk_size must be >= 1, got {chunk_size}")
+    return _wkv6_chunked(r, k, v, w, u, chunk_size, loop_free=True)
+
+
 def _wkv6_chunked(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
-                  chunk_size: int) -> torch.Tensor:
+                  chunk_size: int, loop_free: bool = False) -> torch.Tensor:
     B, T, C = r.shape
     H, N = u.shape
     dt = torch.float64 if r.dtype == torch.float64 else torch.float32
@@ -157,7 +202,7 @@ def _wkv6_chunked(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Te
     lw = -torch.exp(_heads(w, H, torch.float64))
     # forward and (time-flipped) backward direction in one batch
     both = [torch.cat([x, x.flip(2)], dim=0) for x in (r_, k_, v_, lw)]
-    y2 = _causal_chunked(*both, L=min(chunk_size, max(T, 1)))
+    y2 = _causal_chunked(*both, L=chunk_size if loop_free else min(chunk_size, max(T, 1)), loop_free=loop_free)
     y = y2[:B] + y2[B:].flip(2)
     y = y + (r_ * u.to(dt)[None, :, None, :] * k_).sum(-1, keepdim=True) * v_  # bonus at s = t
     return y.transpose(1, 2).reshape(B, T, C).to(r.dtype)
