@@ -81,6 +81,16 @@ def test_retention2d_rows_in_pieces():
     assert rel_rms(torch.cat([o1, o2], 1), o) < 1e-5 and rel_rms(S2, S) < 1e-5
 
 
+def test_retention2d_decay_has_no_denormals():
+    """The parallel form's row/column decays: powers below e^-60 are exactly 0 (denormal floats make CPU kernels
+    many times slower), the rest exact γ^(i-j)."""
+    from linvision.ops.retention2d import _decay
+    gamma = torch.tensor([0.5, 1 - 2 ** -5])
+    D = _decay(gamma, 200, torch.float32)
+    assert not ((D > 0) & (D < torch.finfo(torch.float32).tiny)).any() and D[0, 199, 0] == 0
+    assert D[0, 10, 3] == 0.5 ** 7 and D[1, 3, 10] == 0 and D[1, 199, 0] > 0
+
+
 def test_retention2d_shape_errors():
     q = torch.randn(1, 10, 2, 4)
     with pytest.raises(ValueError, match="not whole rows"):

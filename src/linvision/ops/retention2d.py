@@ -27,6 +27,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .retention import decay_powers
+
 __all__ = ["retention2d_ref", "retention2d_parallel", "retention2d_recurrent"]
 
 Out = Tuple[torch.Tensor, Optional[torch.Tensor]]
@@ -90,10 +92,10 @@ def retention2d_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: to
 
 
 def _decay(gamma: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
-    """Lower-triangular decay ``[H, n, n]``: γ^(i-j) for j <= i else 0, built in log space (no γ ** inf)."""
+    """Lower-triangular decay ``[H, n, n]``: γ^(i-j) for j <= i else 0, built in log space (no γ ** inf), powers
+    below e^-60 exactly 0 (no denormals; :func:`~linvision.ops.retention.decay_powers`)."""
     i = torch.arange(n, device=gamma.device, dtype=dtype)
-    diff = i[:, None] - i[None, :]
-    return torch.exp(torch.log(gamma.to(dtype))[:, None, None] * diff.clamp(min=0)) * (diff >= 0)
+    return decay_powers(torch.log(gamma.to(dtype)), i[:, None] - i[None, :], dtype)
 
 
 def retention2d_parallel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor, width: int,
