@@ -87,35 +87,29 @@ def op_candidates(T: int) -> Dict[str, Callable[[], None]]:
             "Linear fwd+bwd": lin_fwd_bwd}
 
 
+def _infer(model: torch.nn.Module, x: torch.Tensor, **kwargs) -> Callable[[], None]:
+    """One timed call: ``model(x, **kwargs)`` under ``torch.inference_mode``."""
+    def run():
+        with torch.inference_mode():
+            model(x, **kwargs)
+    return run
+
+
 def model_candidates(res: int) -> Dict[str, Callable[[], None]]:
     vrwkv = timm.create_model("vrwkv_tiny", img_size=res).eval()
     deit = timm.create_model("deit_tiny_patch16_224", img_size=res).eval()
     x = torch.randn(1, 3, res, res)
-
-    def infer(model):
-        def run():
-            with torch.inference_mode():
-                model(x)
-        return run
-
     vir = timm.create_model("vir_tiny", img_size=res).eval()
     vir_chunk = timm.create_model("vir_tiny", img_size=res, mode="chunkwise").eval()
-    return {"vrwkv_tiny numba": _with_path("numba", infer(vrwkv)),
-            "vrwkv_tiny torch": _with_path("torch", infer(vrwkv)), "deit_tiny": infer(deit),
-            "vir_tiny": infer(vir), "vir_tiny chunkwise": infer(vir_chunk)}
+    return {"vrwkv_tiny numba": _with_path("numba", _infer(vrwkv, x)),
+            "vrwkv_tiny torch": _with_path("torch", _infer(vrwkv, x)), "deit_tiny": _infer(deit, x),
+            "vir_tiny": _infer(vir, x), "vir_tiny chunkwise": _infer(vir_chunk, x)}
 
 
 def vir_form_candidates(res: int) -> Dict[str, Callable[[], None]]:
     model = timm.create_model("vir_tiny", img_size=res).eval()
     x = torch.randn(1, 3, res, res)
-
-    def infer(mode):
-        def run():
-            with torch.inference_mode():
-                model(x, mode=mode)
-        return run
-
-    return {"parallel": infer("parallel"), "chunkwise": infer("chunkwise")}
+    return {"parallel": _infer(model, x, mode="parallel"), "chunkwise": _infer(model, x, mode="chunkwise")}
 
 
 def profile_top(res: int, n: int = 5) -> str:
