@@ -97,6 +97,15 @@ def test_wkv6_loop_free_matches_reference(T, chunk, w_lo, w_hi):
     assert rel_rms(wkv6_loop_free(*x, chunk_size=chunk), wkv6(*x, chunk_size=chunk)) < 1e-13
 
 
+def test_wkv6_loop_free_refuses_more_tokens_than_its_scan_covers(monkeypatch):
+    import importlib
+    monkeypatch.setattr(importlib.import_module("linvision.ops.wkv6"), "SCAN_LEVELS", 1)  # chunk 2 x 2**1 chunks = 4 tokens
+    x = [t.detach() for t in _inputs(1, 5, 1, 4)]
+    with pytest.raises(ValueError, match="at most 4 tokens, got 5"):
+        wkv6_loop_free(*x, chunk_size=2)
+    assert torch.isfinite(wkv6_loop_free(*(t[:, :4] if t.dim() == 3 else t for t in x), chunk_size=2)).all()
+
+
 def test_wkv6_is_not_v4_or_causal():
     """Guards the definition: dropping the anti-causal half, or using the decay of the endpoints too, changes it."""
     r, k, v, w, u = (t.detach().double() for t in _inputs(1, 6, 1, 4))

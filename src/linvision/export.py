@@ -245,11 +245,12 @@ def export_program(model: nn.Module, img_size: Sequence[int], dynamic: bool = Fa
 
     Args:
         model: a linvision classifier.
-        img_size: ``(H, W)`` of the example input (dynamic: at least 2 patches a side are traced).
+        img_size: ``(H, W)`` of the example input (dynamic: a larger one is traced where needed, see below).
         dynamic: batch and image sides symbolic (sides: multiples of :func:`size_multiple`). Traced at a size
             where every chunked op has several chunks (and ``img_size`` at least), the graph then serves every
-            size with at least 2 patches a side and more tokens than one chunk of its chunked ops (ViR: 64,
-            VRWKV6: 16); smaller inputs fail its shape guard (``torch.export`` specializes sizes of 1).
+            size with at least 2 patches a side and more tokens than one chunk of its chunked ops (ViR: the op's
+            chunk, 64 for heads of 64; VRWKV6: 16); smaller inputs fail its shape guard (``torch.export``
+            specializes sizes of 1).
         batch: example batch (default 2 if dynamic — a size-1 example would be specialized — else 1).
 
     Raises:

@@ -185,11 +185,14 @@ def wkv6_loop_free(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.T
     ``chunk_size * 2**SCAN_LEVELS`` tokens. Not checkpointed (an inference form).
 
     Raises:
-        ValueError: on mismatched shapes or ``chunk_size < 1``.
+        ValueError: on mismatched shapes, ``chunk_size < 1`` or more tokens than the scan covers.
     """
     _check(r, k, v, w, u, "wkv6_loop_free")
     if chunk_size < 1:
         raise ValueError(f"wkv6_loop_free: chunk_size must be >= 1, got {chunk_size}")
+    T = r.shape[1]
+    if isinstance(T, int) and T > chunk_size * 2 ** SCAN_LEVELS:  # (symbolic under export: within the Dim range)
+        raise ValueError(f"wkv6_loop_free: at most {chunk_size * 2 ** SCAN_LEVELS} tokens, got {T}")
     return _wkv6_chunked(r, k, v, w, u, chunk_size, loop_free=True)
 
 
