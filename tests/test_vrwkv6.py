@@ -99,7 +99,8 @@ def test_wkv6_loop_free_matches_reference(T, chunk, w_lo, w_hi):
 
 def test_wkv6_loop_free_refuses_more_tokens_than_its_scan_covers(monkeypatch):
     import importlib
-    monkeypatch.setattr(importlib.import_module("linvision.ops.wkv6"), "SCAN_LEVELS", 1)  # chunk 2 x 2**1 chunks = 4 tokens
+    # the scan covers chunk 2 x 2**1 chunks = 4 tokens
+    monkeypatch.setattr(importlib.import_module("linvision.ops.wkv6"), "SCAN_LEVELS", 1)
     x = [t.detach() for t in _inputs(1, 5, 1, 4)]
     with pytest.raises(ValueError, match="at most 4 tokens, got 5"):
         wkv6_loop_free(*x, chunk_size=2)
