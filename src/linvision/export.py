@@ -205,7 +205,7 @@ def _max_chunk(model: nn.Module) -> int:
         for val in vars(mod).values():
             for f in (val.values() if isinstance(val, dict) else [val]):
                 base, kw = (f.func, f.keywords) if isinstance(f, functools.partial) else (f, {})
-                if callable(base) and not isinstance(base, (nn.Module, torch.Tensor)) and _known(base):
+                if _known(base):
                     param = inspect.signature(base).parameters.get("chunk_size")
                     size = kw.get("chunk_size", param.default if param is not None else None)
                     sizes += [int(size)] if isinstance(size, int) else []

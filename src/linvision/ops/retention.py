@@ -148,10 +148,12 @@ def _build_decay_factors(gamma: torch.Tensor, T: int, scale: float, dtype: torch
     wide = torch.float64 if gamma.shape[0] * T * T <= _FACTOR_CACHE_MAX_ELEMS or dtype == torch.float64 else dtype
     log_g = torch.log(gamma.to(device=device, dtype=wide))  # [H]
     n = torch.arange(T, device=device, dtype=wide)
-    D = decay_powers(log_g, n[:, None] - n[None, :], wide)  # [H, T, T]
-    return ((D * scale).to(dtype), (decay_powers(log_g, (n + 1)[:, None], wide) * scale).to(dtype),
-            decay_powers(log_g, (T - 1 - n)[:, None], wide).to(dtype), decay_powers(log_g, n.new_full((1, 1), T),
-                                                                                    wide).to(dtype))
+
+    def power(diff: torch.Tensor) -> torch.Tensor:  # γ^diff [H, *diff.shape], in the wide dtype
+        return decay_powers(log_g, diff, wide)
+
+    return ((power(n[:, None] - n[None, :]) * scale).to(dtype), (power((n + 1)[:, None]) * scale).to(dtype),
+            power((T - 1 - n)[:, None]).to(dtype), power(n.new_full((1, 1), T)).to(dtype))
 
 
 def retention_parallel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor,

@@ -30,6 +30,7 @@ Two forms, same signature ``(r, k, v, w, u) -> y``:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["wkv6", "wkv6_ref", "wkv6_loop_free"]
 
@@ -118,7 +119,6 @@ def _states_scan(chunk_decay: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
     the identity ``(1, 0)``, so steps beyond n change nothing), then shifted by one chunk. Decay products only
     shrink (every factor <= 1): nothing overflows."""
     n = U.shape[2]
-    F = torch.nn.functional
     d, S = chunk_decay, U
     for j in range(SCAN_LEVELS):
         s = 1 << j
@@ -135,7 +135,7 @@ def _causal_chunked(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lw: torch
     Bq, H, T, N = r.shape
     pad = (-T) % L
     if loop_free or pad:  # trailing zero tokens (log-decay 0) change nothing before them
-        r, k, v, lw = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (r, k, v, lw))
+        r, k, v, lw = (F.pad(x, (0, 0, 0, pad)) for x in (r, k, v, lw))
     n = (T + pad) // L
     r, k, v, lw = (x.reshape(Bq, H, n, L, N) for x in (r, k, v, lw))
     incl = lw.cumsum(dim=3)  # float64: sum of log a over chunk tokens 0..t
