@@ -10,6 +10,7 @@ import torch.nn as nn
 from ..ops.retention import (decay_gammas, op_chunk_size, retention_chunkwise, retention_parallel,
                              retention_recurrent)
 from ..ops.retention2d import retention2d_parallel, retention2d_recurrent
+from .linear import PackedLinear
 
 __all__ = ["MultiScaleRetention", "MultiScaleRetention2D", "RETENTION_MODES", "RETENTION2D_MODES"]
 
@@ -46,9 +47,9 @@ class MultiScaleRetention(nn.Module):
         self.scale = self.head_dim ** -0.5
         self.forms = {"parallel": retention_parallel, "recurrent": retention_recurrent,
                       "chunkwise": partial(retention_chunkwise, chunk_size=chunk_size or op_chunk_size(self.head_dim))}
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.qkv = PackedLinear(dim, dim * 3, bias=True)
         self.norm = nn.RMSNorm(self.head_dim, eps=1e-6) if retention_norm else nn.Identity()
-        self.out_proj = nn.Linear(dim, dim, bias=True)
+        self.out_proj = PackedLinear(dim, dim, bias=True)
         self.register_buffer("gamma", decay_gammas(num_heads), persistent=False)
 
     def forward(self, x: torch.Tensor, mode: str = "parallel", state: Optional[torch.Tensor] = None,

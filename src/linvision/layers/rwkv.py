@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ..ops.biwkv import bi_wkv
 from ..ops.qshift import q_shift_lerp
+from .linear import PackedLinear
 
 __all__ = ["q_shift", "SpatialMix", "ChannelMix"]
 
@@ -87,11 +88,11 @@ class SpatialMix(nn.Module):
         self.mix_k = nn.Parameter(frac ** r1)
         self.mix_v = nn.Parameter(frac ** r1 + 0.3 * r0)
         self.mix_r = nn.Parameter(frac ** (0.5 * r1))
-        self.key = nn.Linear(dim, dim, bias=False)
-        self.value = nn.Linear(dim, dim, bias=False)
-        self.receptance = nn.Linear(dim, dim, bias=False)
+        self.key = PackedLinear(dim, dim, bias=False)
+        self.value = PackedLinear(dim, dim, bias=False)
+        self.receptance = PackedLinear(dim, dim, bias=False)
         self.key_norm = nn.LayerNorm(dim) if key_norm else nn.Identity()
-        self.output = nn.Linear(dim, dim, bias=False)
+        self.output = PackedLinear(dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         T = x.shape[1]
@@ -119,10 +120,10 @@ class ChannelMix(nn.Module):
         frac = torch.arange(dim, dtype=torch.float32) / dim
         self.mix_k = nn.Parameter(frac ** r1)
         self.mix_r = nn.Parameter(frac ** r1)
-        self.key = nn.Linear(dim, hidden_dim, bias=False)
+        self.key = PackedLinear(dim, hidden_dim, bias=False)
         self.key_norm = nn.LayerNorm(hidden_dim) if key_norm else nn.Identity()
-        self.receptance = nn.Linear(dim, dim, bias=False)
-        self.value = nn.Linear(hidden_dim, dim, bias=False)
+        self.receptance = PackedLinear(dim, dim, bias=False)
+        self.value = PackedLinear(hidden_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         if self.shift_pixel > 0:

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.wkv6 import wkv6
+from .linear import PackedLinear
 from .rwkv import ChannelMix, _ratio_init, q_shift
 
 __all__ = ["q_shift_multihead", "SpatialMixV6", "ChannelMixV6"]
@@ -85,12 +86,12 @@ class SpatialMixV6(nn.Module):
         self.time_decay_w2 = nn.Parameter(torch.empty(TIME_DECAY_EXTRA_DIM, dim).uniform_(-1e-4, 1e-4))
         zigzag = (((c + 1) % 3) - 1) * 0.1
         self.time_faaaa = nn.Parameter((r0 * (1 - c / max(dim - 1, 1)) + zigzag).reshape(num_heads, -1))
-        self.key = nn.Linear(dim, dim, bias=False)
-        self.value = nn.Linear(dim, dim, bias=False)
-        self.receptance = nn.Linear(dim, dim, bias=False)
-        self.gate = nn.Linear(dim, dim, bias=False)
+        self.key = PackedLinear(dim, dim, bias=False)
+        self.value = PackedLinear(dim, dim, bias=False)
+        self.receptance = PackedLinear(dim, dim, bias=False)
+        self.gate = PackedLinear(dim, dim, bias=False)
         self.key_norm = nn.LayerNorm(dim) if key_norm else nn.Identity()
-        self.output = nn.Linear(dim, dim, bias=False)
+        self.output = PackedLinear(dim, dim, bias=False)
         self.ln_x = nn.GroupNorm(num_heads, dim, eps=1e-5)
 
     def forward(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:

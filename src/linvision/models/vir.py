@@ -17,6 +17,7 @@ import torch.nn as nn
 from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed
 from timm.models import generate_default_cfgs, register_model
 
+from ..layers.linear import use_packed_linears_
 from ..layers.retention import RETENTION2D_MODES, RETENTION_MODES, MultiScaleRetention, MultiScaleRetention2D
 from ..ops.retention import auto_chunk_size, auto_form
 from timm.models._features import feature_take_indices
@@ -48,6 +49,7 @@ class ViRBlock(nn.Module):
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+        use_packed_linears_([self.mlp])  # its fc1/fc2: packed weights for large CPU inference (layers/linear.py)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 

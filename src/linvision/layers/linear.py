@@ -1,0 +1,89 @@
+"""``nn.Linear`` whose large CPU inference products use a weight packed once for oneDNN.
+
+At high resolution the matrix products are most of a model's CPU time (``vrwkv_tiny`` at 1024²: ``aten::mm``
+~65 % of a forward, README "Compiled CPU kernels"). ``F.linear`` re-lays out the weight at every call; oneDNN's
+packed-weight linear (``torch.ops.mkldnn._reorder_linear_weight`` + ``_linear_pointwise``, what torch's inductor
+uses for frozen CPU graphs) lays it out once. Measured on this project's 2-core machine kind (fp32, 2 threads,
+medians of 5 interleaved rounds, ms per call, ``F.linear`` → packed): 4,096 rows 192→192 3.1 → 2.5, 192→576
+8.1 → 7.2, 192→768 11.5 → 9.8, 768→192 11.4 → 8.9; 16,384 rows 13.6 → 10.6, 55.8 → 50.0, 71.0 → 58.6,
+45.6 → 34.0. Over few rows it is not faster (196 rows: 0.77–1.13×; 2,048 rows: 0.95–1.07×), so it is taken
+only from :data:`PACKED_MIN_ROWS` rows on.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["PackedLinear", "PACKED_MIN_ROWS", "packed_available", "use_packed_linears_"]
+
+#: fewest rows (``x.numel() // in_features``, e.g. ``B * T``) for which the packed product is used: about the
+#: crossover measured above. Also the row count the weight is packed for (oneDNN's blocking hint).
+PACKED_MIN_ROWS = 2048
+
+
+def packed_available() -> bool:
+    """True when this torch build has oneDNN and its packed-weight linear ops."""
+    ops = torch.ops.mkldnn
+    return (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
+            and hasattr(ops, "_linear_pointwise"))
+
+
+_AVAILABLE = packed_available()
+
+
+def _plain_eager() -> bool:
+    """No tracing, compiling, exporting, autocast or ``__torch_function__`` / dispatch mode (e.g. FlopCounterMode,
+    which would not count the oneDNN call) is active."""
+    return not (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+                or torch.is_autocast_enabled("cpu") or torch._C._len_torch_function_stack()
+                or torch._C._len_torch_dispatch_stack())
+
+
+class PackedLinear(nn.Linear):
+    """``nn.Linear`` (same parameters, state dict and results up to float rounding) that, without gradients, on
+    CPU float32 tensors and from :data:`PACKED_MIN_ROWS` rows on, multiplies by a oneDNN-packed copy of its
+    weight.
+
+    The packed copy is made on first use and again whenever the weight changes (an in-place update, e.g. an
+    optimizer step or ``load_state_dict``, or new storage, e.g. ``.to()``); it is not part of the state dict.
+    Everything else (training, autograd, other dtypes/devices, fewer rows, ``torch.export``/``torch.compile``/
+    ``torch.jit``, autocast, dispatch modes such as ``FlopCounterMode``, torch builds without oneDNN) runs
+    ``F.linear``. Input ``[..., in_features]`` → ``[..., out_features]``, float32 on the packed path. The packed
+    copy costs one more weight's memory (22 MiB for ``vrwkv_tiny``, 20 MiB for ``vir_tiny``) from the first large inference on.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (_AVAILABLE and not torch.is_grad_enabled() and type(x) is torch.Tensor and x.device.type == "cpu"
+                and x.dtype == torch.float32 and w.dtype == torch.float32 and w.device.type == "cpu"
+                and x.numel() >= PACKED_MIN_ROWS * self.in_features and _plain_eager()):
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), self.bias, "none", [], "")
+        return F.linear(x, w, self.bias)
+
+    def _packed_weight(self) -> torch.Tensor:
+        w = self.weight
+        cache = self.__dict__.get("_packed")
+        # the cache holds the packed tensor's source (so its storage cannot be reused by another tensor) and
+        # the weight's version at packing time
+        if cache is None or cache[0].data_ptr() != w.data_ptr() or cache[0].shape != w.shape or cache[1] != w._version:
+            src = w.detach()
+            packed = torch.ops.mkldnn._reorder_linear_weight(src, PACKED_MIN_ROWS)
+            self.__dict__["_packed"] = cache = (src, w._version, packed)
+        return cache[2]
+
+    def __getstate__(self):  # copies and pickles leave the cache behind
+        state = super().__getstate__()
+        state.pop("_packed", None)
+        return state
+
+
+def use_packed_linears_(modules: Iterable[nn.Module]) -> None:
+    """Make every plain ``nn.Linear`` inside ``modules`` a :class:`PackedLinear` in place (same parameters and
+    state-dict keys), e.g. the two layers of a timm ``Mlp``."""
+    for module in modules:
+        for m in module.modules():
+            if type(m) is nn.Linear:
+                m.__class__ = PackedLinear

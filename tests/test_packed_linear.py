@@ -1,0 +1,137 @@
+"""PackedLinear (layers/linear.py): the oneDNN packed-weight product against F.linear, when it is (not) taken, and
+that its cache follows the weight."""
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import linvision  # noqa: F401  (registers the models)
+import timm
+from linvision.layers import linear as L
+from linvision.layers.linear import PACKED_MIN_ROWS, PackedLinear, use_packed_linears_
+
+needs_onednn = pytest.mark.skipif(not L.packed_available(), reason="this torch build has no oneDNN packed linear")
+
+
+def _lin(cin=48, cout=80, bias=True):
+    torch.manual_seed(0)
+    return PackedLinear(cin, cout, bias=bias)
+
+
+def _packed_taken(lin):
+    return "_packed" in lin.__dict__
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(PACKED_MIN_ROWS, 48), (2, PACKED_MIN_ROWS // 2 + 3, 48), (3, 700, 48)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("ctx", [torch.no_grad, torch.inference_mode])
+def test_packed_product_equals_linear(shape, bias, ctx):
+    lin = _lin(bias=bias)
+    x = torch.randn(*shape)
+    with ctx():
+        y = lin(x)
+    assert _packed_taken(lin)
+    assert y.shape == (*shape[:-1], 80)
+    torch.testing.assert_close(y, F.linear(x, lin.weight, lin.bias).detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["few_rows", "grad", "float64", "autocast", "flop_counter", "unavailable"])
+def test_falls_back_to_linear_bit_for_bit(case, monkeypatch):
+    lin = _lin()
+    x = torch.randn(2 * PACKED_MIN_ROWS, 48)
+    ctx = torch.no_grad()
+    if case == "few_rows":
+        x = x[:PACKED_MIN_ROWS - 1]
+    elif case == "grad":
+        ctx = torch.enable_grad()
+    elif case == "float64":
+        lin, x = lin.double(), x.double()
+    elif case == "autocast":
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16)
+    elif case == "unavailable":
+        monkeypatch.setattr(L, "_AVAILABLE", False)
+    with ctx:
+        if case == "flop_counter":
+            with FlopCounterMode(display=False) as counter:
+                y = lin(x)
+            assert counter.get_total_flops() == 2 * x.shape[0] * 48 * 80
+        else:
+            y = lin(x)
+        ref = F.linear(x, lin.weight, lin.bias)
+    assert not _packed_taken(lin)
+    assert torch.equal(y, ref)
+
+
+@needs_onednn
+def test_cache_follows_the_weight():
+    lin = _lin()
+    x = torch.randn(PACKED_MIN_ROWS, 48)
+
+    def check():
+        with torch.no_grad():
+            torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+
+    check()
+    first = lin.__dict__["_packed"][2]
+    check()
+    assert lin.__dict__["_packed"][2] is first  # reused while the weight is unchanged
+    with torch.no_grad():
+        lin.weight.mul_(-2)  # in place (an optimizer step)
+    check()
+    lin.load_state_dict(_lin(cout=80).state_dict() | {"weight": torch.randn(80, 48)})
+    check()
+    lin.double().float()  # new storage
+    check()
+    opt = torch.optim.SGD(lin.parameters(), lr=0.5)
+    lin(x).square().sum().backward()
+    opt.step()
+    check()
+
+
+@needs_onednn
+def test_state_dict_copies_and_mlp_conversion():
+    lin = _lin()
+    with torch.no_grad():
+        lin(torch.randn(PACKED_MIN_ROWS, 48))
+    assert list(lin.state_dict()) == list(nn.Linear(48, 80).state_dict())
+    for clone in (copy.deepcopy(lin), pickle.loads(pickle.dumps(lin))):
+        assert not _packed_taken(clone) and torch.equal(clone.weight, lin.weight)
+
+    mlp = timm.layers.Mlp(48, 96)
+    keys = list(mlp.state_dict())
+    use_packed_linears_([mlp])
+    assert type(mlp.fc1) is PackedLinear and type(mlp.fc2) is PackedLinear and list(mlp.state_dict()) == keys
+    x = torch.randn(PACKED_MIN_ROWS, 48)
+    y = mlp(x)
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), y.detach(), rtol=1e-5, atol=1e-5)
+    assert _packed_taken(mlp.fc1) and _packed_taken(mlp.fc2)
+
+
+@needs_onednn
+def test_export_traces_plain_linear():
+    lin = _lin().eval()
+    with torch.no_grad():
+        ep = torch.export.export(lin, (torch.randn(PACKED_MIN_ROWS, 48),))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not any("mkldnn" in t for t in targets), targets
+    assert not _packed_taken(lin)
+
+
+@needs_onednn
+@pytest.mark.parametrize("name", ["vrwkv_tiny", "vir_tiny"])
+def test_models_use_packed_products_at_many_tokens(name):
+    """48×48 patches = 2,304 tokens: the no-grad logits (packed products) match the graph-keeping forward."""
+    torch.manual_seed(0)
+    m = timm.create_model(name, num_classes=10, img_size=384, patch_size=8).eval()
+    x = torch.randn(1, 3, 384, 384)
+    y = m(x)
+    with torch.inference_mode():
+        torch.testing.assert_close(m(x), y.detach(), rtol=1e-4, atol=1e-5)
+    layers = [mod for mod in m.modules() if isinstance(mod, PackedLinear)]
+    assert layers and all(_packed_taken(mod) for mod in layers)
