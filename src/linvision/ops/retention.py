@@ -272,10 +272,9 @@ def retention_chunkwise_batched(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     qc, kc, vc = (F.pad(t.to(dt).transpose(1, 2), (0, 0, 0, n * L - T)).reshape(B, H, n, L, t.shape[-1])
                   for t in (q, k, v))  # [B, H, n, L, *]
     log_g = torch.log(gamma.detach().to(torch.float64))
-    li = torch.arange(L, device=q.device)
-    D = (decay_powers(log_g, li[:, None] - li[None, :], torch.float64) * scale).to(dt)  # [H, L, L]
-    tail = decay_powers(log_g, L - 1 - li, torch.float64)[:, None, :, None].to(dt)  # [H, 1, L, 1]: γ^(L-1-l)
-    head = (decay_powers(log_g, li + 1, torch.float64) * scale)[:, None, :, None].to(dt)  # γ^(l+1) · scale
+    # [H, L, L] decayed mask · scale, γ^(l+1) · scale and γ^(L-1-l) as [H, 1, L, 1] (cached across calls)
+    D, head, tail, _ = _decay_factors(gamma.detach(), L, scale, dt, q.device)
+    head, tail = head[:, None], tail[:, None]
     o = ((qc @ kc.transpose(-1, -2)) * D[:, None]) @ vc  # intra-chunk [B, H, n, L, V]
     totals = (kc * tail).transpose(-1, -2) @ vc  # [B, H, n, K, V]
     ci = torch.arange(n, device=q.device)
