@@ -21,7 +21,6 @@ from collections import OrderedDict
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from ._triton import triton_enabled
 
@@ -251,6 +250,15 @@ def decay_powers(log_g: torch.Tensor, diff: torch.Tensor, dtype: torch.dtype) ->
     return torch.where(keep, torch.exp(ex), torch.zeros((), dtype=dtype, device=ex.device))
 
 
+def _head_chunks(t: torch.Tensor, padded: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, T, H, d]`` → contiguous head-major ``[B, H, padded, d]`` in ``dtype``, zeros after T: one copy (a
+    padded transpose keeps the token-major strides, and every batched matmul on it would copy it again)."""
+    B, T, H, d = t.shape
+    out = t.new_zeros((B, H, padded, d), dtype=dtype)
+    out[:, :, :T] = t.transpose(1, 2)
+    return out
+
+
 def retention_chunkwise_batched(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor,
                                 scale: Optional[float] = None, initial_state: Optional[torch.Tensor] = None,
                                 output_final_state: bool = False, chunk_size: int = 64) -> Out:
@@ -269,8 +277,7 @@ def retention_chunkwise_batched(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     V, L, dt = v.shape[-1], int(chunk_size), q.dtype
     scale = K ** -0.5 if scale is None else scale
     n = (T + L - 1) // L
-    qc, kc, vc = (F.pad(t.to(dt).transpose(1, 2), (0, 0, 0, n * L - T)).reshape(B, H, n, L, t.shape[-1])
-                  for t in (q, k, v))  # [B, H, n, L, *]
+    qc, kc, vc = (_head_chunks(t, n * L, dt).view(B, H, n, L, t.shape[-1]) for t in (q, k, v))  # [B, H, n, L, *]
     log_g = torch.log(gamma.detach().to(torch.float64))
     # [H, L, L] decayed mask · scale, γ^(l+1) · scale and γ^(L-1-l) as [H, 1, L, 1] (cached across calls)
     D, head, tail, _ = _decay_factors(gamma.detach(), L, scale, dt, q.device)
