@@ -8,7 +8,9 @@ threads:
   torch-ops path (``=torch``), against one ``nn.Linear(192, 192)`` forward+backward on the same ``[1, T, 192]``
   tokens, at T = 196, 1024, 4096, 16384 (C = 192, fp32, batch 1);
 * ``vrwkv_tiny`` (numba and torch-ops Bi-WKV) and ``vir_tiny`` (its default ``mode="auto"``, and chunkwise) against
-  timm's ``deit_tiny_patch16_224`` inference, batch 1, at 224² and 1024² (all built at that image size);
+  timm's ``deit_tiny_patch16_224`` inference, batch 1, at 224² and 1024² (all built at that image size), and
+  ``vrwkv_tiny`` / ``vir_tiny`` chunkwise with every product through ``F.linear`` (no packed weights,
+  ``linvision.layers.linear``) for the before/after of that path;
 * ``vir_tiny`` parallel against chunkwise at ``--vir-forms`` sizes (where ``mode="auto"`` should switch);
 
 then prints markdown tables and the torch.profiler top-5 ops (self CPU time, with call counts) of ``vrwkv_tiny`` at
@@ -32,6 +34,7 @@ import torch
 
 import linvision  # noqa: F401  (registers the models; must precede timm)
 import timm
+from linvision.layers import linear as packed_linear
 from linvision.ops import bi_wkv
 from linvision.ops.biwkv import CPU_KERNEL_ENV
 
@@ -95,6 +98,17 @@ def _infer(model: torch.nn.Module, x: torch.Tensor, **kwargs) -> Callable[[], No
     return run
 
 
+def _plain_linear(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` with :class:`~linvision.layers.PackedLinear` falling back to ``F.linear`` (as before it existed)."""
+    def run() -> None:
+        saved, packed_linear._AVAILABLE = packed_linear._AVAILABLE, False
+        try:
+            fn()
+        finally:
+            packed_linear._AVAILABLE = saved
+    return run
+
+
 def model_candidates(res: int) -> Dict[str, Callable[[], None]]:
     vrwkv = timm.create_model("vrwkv_tiny", img_size=res).eval()
     deit = timm.create_model("deit_tiny_patch16_224", img_size=res).eval()
@@ -103,7 +117,9 @@ def model_candidates(res: int) -> Dict[str, Callable[[], None]]:
     vir_chunk = timm.create_model("vir_tiny", img_size=res, mode="chunkwise").eval()
     return {"vrwkv_tiny numba": _with_path("numba", _infer(vrwkv, x)),
             "vrwkv_tiny torch": _with_path("torch", _infer(vrwkv, x)), "deit_tiny": _infer(deit, x),
-            "vir_tiny": _infer(vir, x), "vir_tiny chunkwise": _infer(vir_chunk, x)}
+            "vir_tiny": _infer(vir, x), "vir_tiny chunkwise": _infer(vir_chunk, x),
+            "vrwkv_tiny F.linear": _plain_linear(_with_path("numba", _infer(vrwkv, x))),
+            "vir_tiny chunkwise F.linear": _plain_linear(_infer(vir_chunk, x))}
 
 
 def vir_form_candidates(res: int) -> Dict[str, Callable[[], None]]:
@@ -153,8 +169,8 @@ def main() -> None:
                   f"{m['torch fwd+bwd'] / lin:.2f}× |", flush=True)
     print("\n| threads | image | vrwkv_tiny numba ms | vrwkv_tiny torch-ops ms | vir_tiny (auto) ms | vir_tiny "
           "chunkwise ms | deit_tiny ms | deit ÷ vrwkv (numba) | deit ÷ vrwkv (torch) | deit ÷ vir (auto) | deit ÷ vir "
-          "(chunkwise) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "(chunkwise) | deit ÷ vrwkv, F.linear | deit ÷ vir chunkwise, F.linear |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n in threads:
         torch.set_num_threads(n)
         for res in resolutions:
@@ -162,8 +178,8 @@ def main() -> None:
             d = m["deit_tiny"]
             print(f"| {n} | {res}² | {m['vrwkv_tiny numba']:.1f} | {m['vrwkv_tiny torch']:.1f} | {m['vir_tiny']:.1f} "
                   f"| {m['vir_tiny chunkwise']:.1f} | {d:.1f} | {d / m['vrwkv_tiny numba']:.2f}× | "
-                  f"{d / m['vrwkv_tiny torch']:.2f}× | {d / m['vir_tiny']:.2f}× | {d / m['vir_tiny chunkwise']:.2f}× |",
-                  flush=True)
+                  f"{d / m['vrwkv_tiny torch']:.2f}× | {d / m['vir_tiny']:.2f}× | {d / m['vir_tiny chunkwise']:.2f}× | "
+                  f"{d / m['vrwkv_tiny F.linear']:.2f}× | {d / m['vir_tiny chunkwise F.linear']:.2f}× |", flush=True)
     print(f"\n| image | tokens | vir_tiny parallel ms | chunkwise ms | parallel ÷ chunkwise ({threads[-1]} threads) |")
     print("|---|---|---|---|---|")
     torch.set_num_threads(threads[-1])
