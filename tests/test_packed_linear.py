@@ -40,7 +40,7 @@ def test_packed_product_equals_linear(shape, bias, ctx):
     torch.testing.assert_close(y, F.linear(x, lin.weight, lin.bias).detach(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["few_rows", "grad", "float64", "autocast", "flop_counter", "unavailable"])
+@pytest.mark.parametrize("case", ["few_rows", "grad", "float64", "autocast", "flop_counter", "vmap", "unavailable"])
 def test_falls_back_to_linear_bit_for_bit(case, monkeypatch):
     lin = _lin()
     x = torch.randn(2 * PACKED_MIN_ROWS, 48)
@@ -60,6 +60,8 @@ def test_falls_back_to_linear_bit_for_bit(case, monkeypatch):
             with FlopCounterMode(display=False) as counter:
                 y = lin(x)
             assert counter.get_total_flops() == 2 * x.shape[0] * 48 * 80
+        elif case == "vmap":
+            y = torch.func.vmap(lin)(x.view(2, PACKED_MIN_ROWS, 48)).view(-1, 80)
         else:
             y = lin(x)
         ref = F.linear(x, lin.weight, lin.bias)

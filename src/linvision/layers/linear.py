@@ -34,12 +34,16 @@ def packed_available() -> bool:
 _AVAILABLE = packed_available()
 
 
-def _plain_eager() -> bool:
-    """No tracing, compiling, exporting, autocast or ``__torch_function__`` / dispatch mode (e.g. FlopCounterMode,
-    which would not count the oneDNN call) is active."""
+_is_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
+
+
+def _plain_eager(x: torch.Tensor) -> bool:
+    """No tracing, compiling, exporting, autocast, ``torch.func`` transform (vmap: the oneDNN op has no batching
+    rule) or ``__torch_function__`` / dispatch mode (e.g. FlopCounterMode, which would not count the oneDNN call)
+    is active on ``x``."""
     return not (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
                 or torch.is_autocast_enabled("cpu") or torch._C._len_torch_function_stack()
-                or torch._C._len_torch_dispatch_stack())
+                or torch._C._len_torch_dispatch_stack() or _is_functorch_wrapped(x))
 
 
 class PackedLinear(nn.Linear):
@@ -50,7 +54,7 @@ class PackedLinear(nn.Linear):
     The packed copy is made on first use and again whenever the weight changes (an in-place update, e.g. an
     optimizer step or ``load_state_dict``, or new storage, e.g. ``.to()``); it is not part of the state dict.
     Everything else (training, autograd, other dtypes/devices, fewer rows, ``torch.export``/``torch.compile``/
-    ``torch.jit``, autocast, dispatch modes such as ``FlopCounterMode``, torch builds without oneDNN) runs
+    ``torch.jit``, ``torch.func`` transforms, autocast, dispatch modes such as ``FlopCounterMode``, torch builds without oneDNN) runs
     ``F.linear``. Input ``[..., in_features]`` → ``[..., out_features]``, float32 on the packed path. The packed
     copy costs one more weight's memory (22 MiB for ``vrwkv_tiny``, 20 MiB for ``vir_tiny``) from the first large inference on.
     """
@@ -59,7 +63,7 @@ class PackedLinear(nn.Linear):
         w = self.weight
         if (_AVAILABLE and not torch.is_grad_enabled() and type(x) is torch.Tensor and x.device.type == "cpu"
                 and x.dtype == torch.float32 and w.dtype == torch.float32 and w.device.type == "cpu"
-                and x.numel() >= PACKED_MIN_ROWS * self.in_features and _plain_eager()):
+                and x.numel() >= PACKED_MIN_ROWS * self.in_features and _plain_eager(x)):
             return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), self.bias, "none", [], "")
         return F.linear(x, w, self.bias)
 
