@@ -139,9 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--patch-size", type=int, help=f"patch size for ViT-style models [{d['patch_size']}]")
     t.add_argument("--epochs", type=int, help=f"[{d['epochs']}]")
     t.add_argument("--recipe", choices=RECIPE_CHOICES,
-                   help="training recipe for the options below marked [recipe]: short (small data, short runs: NAdamW for "
-                        "Vision-RWKV, no drop path, peak lr 2e-3 for Vision-RWKV/ViR, 1e-3 for other models), deit (DeiT's AdamW "
-                        "and regularisers, peak lr 1e-3), auto = short for runs "
+                   help="training recipe for the options below marked [recipe]: short (small data, short runs: "
+                        "NAdamW for Vision-RWKV, no drop path, peak lr 2e-3 for Vision-RWKV/ViR, 1e-3 for other "
+                        "models), deit (DeiT's AdamW and regularisers, peak lr 1e-3), auto = short for runs "
                         f"of at most {AUTO_SHORT_MAX_EPOCHS} epochs, else deit [{d['recipe']}]")
     t.add_argument("--batch-size", type=int, help="images per step and process [global 128, halved while an epoch "
                                                    f"would have < {MIN_STEPS_PER_EPOCH} steps]")
@@ -154,8 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-epochs", type=float, help="linear warm-up epochs (may be fractional) "
                                                        "[min(recipe cap: short 1, deit 2; 10%% of --epochs)]")
     t.add_argument("--weight-decay", type=float, help=f"[{d['weight_decay']}]")
-    t.add_argument("--opt", help="timm optimizer name [recipe: short nadamw for Vision-RWKV, adamw for "
-                                            "other models; deit adamw]")
+    t.add_argument("--opt", help="timm optimizer name [recipe: short nadamw for Vision-RWKV, adamw for other "
+                                 "models; deit adamw]")
     t.add_argument("--mixup", action=argparse.BooleanOptionalAction,
                    help=f"mixup + cutmix with soft-target loss [{'on' if d['mixup'] else 'off'}]")
     t.add_argument("--mixup-alpha", type=float, help=f"[{d['mixup_alpha']}]")

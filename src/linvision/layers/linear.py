@@ -54,9 +54,10 @@ class PackedLinear(nn.Linear):
     The packed copy is made on first use and again whenever the weight changes (an in-place update, e.g. an
     optimizer step or ``load_state_dict``, or new storage, e.g. ``.to()``); it is not part of the state dict.
     Everything else (training, autograd, other dtypes/devices, fewer rows, ``torch.export``/``torch.compile``/
-    ``torch.jit``, ``torch.func`` transforms, autocast, dispatch modes such as ``FlopCounterMode``, torch builds without oneDNN) runs
-    ``F.linear``. Input ``[..., in_features]`` → ``[..., out_features]``, float32 on the packed path. The packed
-    copy costs one more weight's memory (22 MiB for ``vrwkv_tiny``, 20 MiB for ``vir_tiny``) from the first large inference on.
+    ``torch.jit``, ``torch.func`` transforms, autocast, dispatch modes such as ``FlopCounterMode``, torch builds
+    without oneDNN) runs ``F.linear``. Input ``[..., in_features]`` → ``[..., out_features]``, float32 on the
+    packed path. The packed copy costs one more weight's memory (22 MiB for ``vrwkv_tiny``, 20 MiB for
+    ``vir_tiny``) from the first large inference on.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +73,8 @@ class PackedLinear(nn.Linear):
         cache = self.__dict__.get("_packed")
         # the cache holds the packed tensor's source (so its storage cannot be reused by another tensor) and
         # the weight's version at packing time
-        if cache is None or cache[0].data_ptr() != w.data_ptr() or cache[0].shape != w.shape or cache[1] != w._version:
+        if (cache is None or cache[0].data_ptr() != w.data_ptr() or cache[0].shape != w.shape
+                or cache[1] != w._version):
             src = w.detach()
             packed = torch.ops.mkldnn._reorder_linear_weight(src, PACKED_MIN_ROWS)
             self.__dict__["_packed"] = cache = (src, w._version, packed)
