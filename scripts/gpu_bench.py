@@ -17,6 +17,7 @@ script stops starting rows once ``--budget`` seconds have passed. Imports only l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -151,16 +152,19 @@ def bench_retention(B, T, H, chunk=64):
     return {k_: round(v_, 4) for k_, v_ in res.items()}
 
 
-def bench_model(name, res, batch, kw, max_s=20.0, graph=False):
+def bench_model(name, res, batch, kw, max_s=20.0, graph=False, math=False):
     """img/s and peak MiB of one bf16-autocast inference step; ``graph``: replay a captured CUDA graph of the step
-    (removes the per-op launch cost, which dominates small batches of these 12-block models)."""
+    (removes the per-op launch cost, which dominates small batches of these 12-block models); ``math``: SDPA's math
+    backend (attention materialised: the ViT without flash attention that the Vision-RWKV paper compares with)."""
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     model = timm.create_model(name, img_size=res, num_classes=1000, **kw).cuda().eval()
     x = torch.randn(batch, 3, res, res, device="cuda")
 
     def step():
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16), \
+                (sdpa_kernel(SDPBackend.MATH) if math else contextlib.nullcontext()):
             model(x)
     t = time.time()
     step()  # warm-up (Triton compiles, cuDNN picks)
@@ -207,6 +211,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer shapes")
     ap.add_argument("--models", default="", help="only model rows at these RES:BATCH pairs, e.g. 1024:8,2048:4, "
                     "each eager and as a replayed CUDA graph")
+    ap.add_argument("--math", action="store_true", help="with --models: also DeiT-T with SDPA's math backend")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_bench: CUDA is not available", file=sys.stderr)
@@ -232,6 +237,9 @@ def main(argv=None) -> int:
                         label = name + ("[chunkwise]" if kw else "") + ("[graph]" if graph else "")
                         record("models", {"model": label, "res": res, "batch": batch},
                                lambda: bench_model(name, res, batch, kw, graph=graph))
+            if args.math and time_left():
+                record("models", {"model": "deit_tiny_patch16_224[math SDPA]", "res": res, "batch": batch},
+                       lambda: bench_model("deit_tiny_patch16_224", res, batch, {}, math=True))
         print(write())
         return 0
     Bs = (1,) if args.quick else (1, 4)

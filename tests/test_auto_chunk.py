@@ -20,6 +20,16 @@ def test_auto_chunk_size_rule(T, K):
     assert L < T + c or L == c  # no more than one op chunk of slack
 
 
+@pytest.mark.parametrize("T", [1, 197, 4097, 16385, 65537])
+def test_auto_chunk_size_one_pass_on_cuda(T):
+    """On CUDA one pass of whole op chunks, whatever T (launches, not memory, are the cost there); CPU caps it."""
+    c = op_chunk_size(64)
+    L = auto_chunk_size(T, 64, "cuda")
+    assert L >= T and L % c == 0 and L < T + c
+    assert auto_chunk_size(T, 64, torch.device("cuda:0")) == L
+    assert auto_chunk_size(T, 64, "cpu") == auto_chunk_size(T, 64) <= AUTO_CHUNK_MAX_TOKENS
+
+
 def _passes(model, x, **kw):
     calls = []
     h = model.blocks[0].register_forward_hook(lambda *a: calls.append(1))

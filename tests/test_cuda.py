@@ -1,5 +1,5 @@
 """CUDA tests (marker ``cuda``; skipped without a GPU): the Triton kernels behind ``bi_wkv`` and
-``retention_chunkwise`` against the float64 references and the PyTorch forms at realistic shapes (up to 16,384
+``retention_chunkwise`` (and the Q-Shift + lerp kernel) against the float64 references and the PyTorch forms at realistic shapes (up to 16,384
 tokens), extreme inputs in fp32/bf16/fp16, torch.compile, and the models with and without the kernels.
 Run by scripts/gpu_check.sh (``python3 -m pytest tests/test_cuda.py -m cuda``)."""
 from __future__ import annotations
@@ -183,6 +183,42 @@ def test_retention_cuda_compile():
     compiled = _ret_grads(torch.compile(retention_chunkwise), ins, gamma)
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("B,H,W,C,n,shift", [(2, 64, 64, 192, 3, 1), (1, 37, 29, 70, 2, 2), (4, 14, 14, 13, 2, 1)])
+def test_q_shift_lerp_cuda_matches_plain_form(monkeypatch, B, H, W, C, n, shift):
+    """The Triton Q-Shift + lerp (outputs, ∂x, ∂μ) against the plain form (pad + cat + lerp) in float64 on CUDA,
+    and its custom op is what runs."""
+    from torch.profiler import ProfilerActivity, profile
+    from linvision.ops.qshift import q_shift_lerp
+    g = torch.Generator().manual_seed(C)
+    x = torch.randn(B, H * W, C, generator=g).to(DEV).requires_grad_()
+    mix = torch.rand(n, C, generator=g).to(DEV).requires_grad_()
+    gy = torch.randn(n, B, H * W, C, generator=g).to(DEV)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fast = _grads(lambda a, m: q_shift_lerp(a, m, (H, W), shift), (x, mix), gy)
+    assert any("q_shift_lerp_triton" in e.name for e in prof.events())
+    _torch_path(monkeypatch)
+    x64, m64 = (t.detach().double().requires_grad_() for t in (x, mix))
+    ref = _grads(lambda a, m: q_shift_lerp(a, m, (H, W), shift), (x64, m64), gy.double())
+    for name, a, b in zip(("out", "x", "mix"), fast, ref):
+        assert a.dtype == torch.float32 and rel_rms(a, b) < 1e-6, name
+
+
+def test_q_shift_lerp_cuda_out_dtype_and_compile():
+    """bf16 outputs written directly (as the layers ask under autocast) equal the fp32 ones rounded; the op
+    traces in torch.compile(fullgraph=True)."""
+    from linvision.ops.qshift import q_shift_lerp
+    x = torch.randn(2, 24 * 24, 64, device=DEV, requires_grad=True)
+    mix = torch.rand(3, 64, device=DEV, requires_grad=True)
+    full = q_shift_lerp(x, mix, (24, 24))
+    half = q_shift_lerp(x, mix, (24, 24), out_dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half, full.to(torch.bfloat16), atol=0, rtol=0)
+    (gx,) = torch.autograd.grad(half.float().sum(), x)
+    assert gx.dtype == torch.float32 and torch.isfinite(gx).all()
+    fn = torch.compile(lambda a, m: q_shift_lerp(a, m, (24, 24)), fullgraph=True)
+    torch.testing.assert_close(fn(x, mix), full)
 
 
 @pytest.mark.parametrize("name,kw", [("vrwkv_tiny", {}), ("vir_tiny", {"mode": "chunkwise"})])

@@ -142,6 +142,21 @@ def test_q_shift_lerp_is_a_custom_op_and_checks_input():
         q_shift_lerp(x, mix[:, :4], (3, 4))
 
 
+@pytest.mark.parametrize("path", ["numba", "torch"])
+def test_q_shift_lerp_out_dtype(monkeypatch, path):
+    """``out_dtype`` (what the layers pass under autocast) gives the default result cast, differentiably."""
+    from linvision.ops.qshift import q_shift_lerp
+
+    monkeypatch.setenv("LINVISION_BIWKV_CPU", path)
+    x = torch.randn(2, 12, 9, requires_grad=True)
+    mix = torch.rand(2, 9)
+    out = q_shift_lerp(x, mix, (3, 4), out_dtype=torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, q_shift_lerp(x, mix, (3, 4)).to(torch.bfloat16), rtol=0, atol=0)
+    (gx,) = torch.autograd.grad(out.float().sum(), x)
+    assert gx.dtype == torch.float32
+
+
 def test_q_shift_lerp_eager_kernel_backward_matches_torch_ops(monkeypatch):
     """The eager CPU path (compiled forward and backward, no custom-op dispatch) against the plain tensor-op form:
     outputs and gradients of x and μ (fp32, several outputs, a shift of 2, C not a multiple of 4)."""

@@ -15,6 +15,8 @@ import torch  # noqa: E402
 from linvision.ops.biwkv import bi_wkv_ref  # noqa: E402
 from linvision.ops.biwkv_triton import bi_wkv_triton  # noqa: E402
 from linvision.ops.retention import decay_gammas, retention_ref  # noqa: E402
+from linvision.ops.qshift import q_shift_ref  # noqa: E402
+from linvision.ops.qshift_triton import q_shift_lerp_backward, q_shift_lerp_forward  # noqa: E402
 from linvision.ops.retention_triton import retention_chunkwise_triton  # noqa: E402
 
 torch.set_num_threads(1)
@@ -84,6 +86,22 @@ def ret_case(B, T, H, K, V, chunk, with_state, final, dtype=torch.float32):
     return res
 
 
+def qshift_case(B, H, W, C, n, shift, out_dtype=torch.float32):
+    """The Triton Q-Shift + lerp kernels (forward, and the backward with ∂x and ∂μ) against the plain form's
+    autograd in float64: ``q_shift_ref`` then ``s + μ (x - s)`` per row of μ."""
+    g = torch.Generator().manual_seed(H * 100 + W * 10 + C)
+    x = torch.randn(B, H * W, C, generator=g, dtype=torch.float64).requires_grad_()
+    mix = torch.rand(n, C, generator=g, dtype=torch.float64).requires_grad_()
+    gy = torch.randn(n, B, H * W, C, generator=g, dtype=torch.float64)
+    s = q_shift_ref(x, (H, W), shift)
+    ref = torch.stack([s + m * (x - s) for m in mix.unbind(0)])
+    rgx, rgm = torch.autograd.grad(ref, (x, mix), gy)
+    out = q_shift_lerp_forward(x.detach().float(), mix.detach().float(), H, W, shift, out_dtype)
+    gx, gm = q_shift_lerp_backward(gy.to(out_dtype), x.detach().float(), mix.detach().float(), H, W, shift)
+    return {"out": rel_rms(out.float(), ref.float(), 1.0), "x": rel_rms(gx, rgx, 1.0), "mix": rel_rms(gm, rgm, 1.0),
+            "dtypes_ok": float(out.dtype == out_dtype and gx.dtype == torch.float32 and gm.dtype == torch.float32)}
+
+
 CASES = {
     # Bi-WKV: one token; odd T and C with the last chunk padded and carries over 5 chunks; two channel blocks
     # (C = 40 > 32) with chunks of 4; bf16 inputs; the extreme values of tests/test_biwkv.py over 3 chunks
@@ -98,6 +116,12 @@ CASES = {
     "ret_T32_B2": lambda: ret_case(2, 32, 1, 16, 16, 16, False, False),
     "ret_T5_K3_V5": lambda: ret_case(1, 5, 1, 3, 5, 64, True, True),
     "ret_bf16": lambda: ret_case(1, 20, 2, 16, 16, 16, True, True, torch.bfloat16),
+    # Q-Shift + lerp: odd grid and C (13: one unshifted channel), rows over two row blocks; C over two channel
+    # blocks (70 > 64, two unshifted channels), shift 2, three outputs; bf16 outputs; C = 4 (one channel a quarter)
+    "qshift_B2_3x5_C13": lambda: qshift_case(2, 3, 5, 13, 2, 1),
+    "qshift_4x6_C70_s2": lambda: qshift_case(1, 4, 6, 70, 3, 2),
+    "qshift_bf16": lambda: qshift_case(1, 5, 7, 16, 3, 1, torch.bfloat16),
+    "qshift_2x2_C4": lambda: qshift_case(3, 2, 2, 4, 2, 1),
 }
 
 if __name__ == "__main__":

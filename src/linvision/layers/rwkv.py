@@ -4,7 +4,7 @@ them (OpenGVLab/Vision-RWKV ``classification/mmcls_custom/models/backbones/vrwkv
 from __future__ import annotations
 
 import math
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -55,6 +55,13 @@ def _inference(t: torch.Tensor) -> bool:
     return not (torch.is_grad_enabled() and t.requires_grad)
 
 
+def _proj_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype the projections will compute in: autocast's when it is on for x's device (the Q-Shift op then
+    writes its outputs in it directly), else None (x's)."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
 def _ratio_init(layer_id: int, num_layers: int) -> Tuple[float, float]:
     """Official "fancy" init ratios: r0 = l/(L-1) (0 → 1), r1 = 1 - l/L (1 → ~0)."""
     r0 = layer_id / (num_layers - 1) if num_layers > 1 else 0.0
@@ -98,7 +105,8 @@ class SpatialMix(nn.Module):
         T = x.shape[1]
         if self.shift_pixel > 0:
             # x μ + shift(x) (1 - μ) for the three μ's, one op (one pass over x with numba on CPU)
-            xk, xv, xr = q_shift_lerp(x, torch.stack([self.mix_k, self.mix_v, self.mix_r]), grid, self.shift_pixel)
+            mix = torch.stack([self.mix_k, self.mix_v, self.mix_r])
+            xk, xv, xr = q_shift_lerp(x, mix, grid, self.shift_pixel, _proj_dtype(x))
         else:
             xk = xv = xr = x
         k, v, r = self.key(xk), self.value(xv), self.receptance(xr)
@@ -127,7 +135,7 @@ class ChannelMix(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         if self.shift_pixel > 0:
-            xk, xr = q_shift_lerp(x, torch.stack([self.mix_k, self.mix_r]), grid, self.shift_pixel)
+            xk, xr = q_shift_lerp(x, torch.stack([self.mix_k, self.mix_r]), grid, self.shift_pixel, _proj_dtype(x))
         else:
             xk = xr = x
         k, r = self.key(xk), self.receptance(xr)

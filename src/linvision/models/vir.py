@@ -80,8 +80,8 @@ class VisionRetention(nn.Module):
             tokens (or one token) at a time, with one retention state ``[B, H, d, d]`` per block, so token-mixing
             memory does not grow with the number of tokens.
         chunk_size: tokens per chunk for ``'chunkwise'`` and streaming (also the retention op's chunk length);
-            default ``None``: automatic — ``'chunkwise'`` from the token count and head size
-            (:func:`linvision.ops.retention.auto_chunk_size`), streaming and the op's chunk from the head size
+            default ``None``: automatic — ``'chunkwise'`` from the token count, head size and device (one pass on
+            CUDA; :func:`linvision.ops.retention.auto_chunk_size`), streaming and the op's chunk from the head size
             alone (:func:`~linvision.ops.retention.op_chunk_size`: 64 for heads of 64), so that streaming memory
             stays constant in the image size. An explicit value wins.
 
@@ -184,7 +184,8 @@ class VisionRetention(nn.Module):
                 if i in take:
                     inter.append(x)
             return x, inter
-        step = 1 if mode == "recurrent" else (self.chunk_size or auto_chunk_size(x.shape[1], self.head_dim))
+        step = 1 if mode == "recurrent" else (self.chunk_size
+                                              or auto_chunk_size(x.shape[1], self.head_dim, x.device))
         states: list = [None] * len(blocks)
         outs, inter = [], {i: [] for i in take}
         for s in range(0, x.shape[1], step):

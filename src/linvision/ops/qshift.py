@@ -7,6 +7,9 @@ autograd registered, so ``torch.compile(fullgraph=True)`` traces it):
 
 * the default implementation (any device) is the plain form: :func:`q_shift_ref` (pad + slices + cat) then one
   ``torch.lerp`` per row — two passes over ``[B, T, C]`` for the shift and one per output;
+* on CUDA (Triton installed, ``LINVISION_TRITON`` not ``0``), the Triton kernels of :mod:`.qshift_triton`: one
+  pass that writes every output, in the dtype asked for (custom ops ``linvision::q_shift_lerp_triton``/``_bwd``,
+  defined here so that nothing on the CPU path imports Triton);
 * on CPU, when :func:`linvision.ops.biwkv.cpu_kernel` says ``numba`` (the default where numba imports;
   ``LINVISION_BIWKV_CPU=torch`` turns it off), a compiled kernel reads x once and writes every output in the
   same pass (no pad), as ``s + μ (e - s)`` (``torch.lerp``'s arithmetic for ``|μ| < 0.5``; for other μ the two
@@ -20,10 +23,12 @@ The backward: ``∂x = Σ_i μ_i g_i + q_shift^T(Σ_i (1 - μ_i) g_i)``, ``∂μ
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from ._triton import triton_enabled
 
 __all__ = ["q_shift_ref", "q_shift_lerp"]
 
@@ -99,6 +104,48 @@ def _backward(ctx, g):
 _q_shift_lerp_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("linvision::q_shift_lerp_triton", mutates_args=())
+def _triton_op(x: torch.Tensor, mix: torch.Tensor, H: int, W: int, shift: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """CUDA: ``[n, B, T, C]`` in ``out_dtype`` by the Triton kernel (imports Triton when it first runs)."""
+    from .qshift_triton import q_shift_lerp_forward
+
+    return q_shift_lerp_forward(x, mix, H, W, shift, out_dtype)
+
+
+@_triton_op.register_fake
+def _(x, mix, H, W, shift, out_dtype):
+    return x.new_empty(mix.shape[0], *x.shape, dtype=out_dtype)
+
+
+@torch.library.custom_op("linvision::q_shift_lerp_triton_bwd", mutates_args=())
+def _triton_bwd_op(g: torch.Tensor, x: torch.Tensor, mix: torch.Tensor, H: int, W: int,
+                   shift: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(∂x in x's dtype, ∂mix fp32)``."""
+    from .qshift_triton import q_shift_lerp_backward
+
+    return q_shift_lerp_backward(g, x, mix, H, W, shift)
+
+
+@_triton_bwd_op.register_fake
+def _(g, x, mix, H, W, shift):
+    return torch.empty_like(x), mix.new_empty(mix.shape, dtype=torch.float32)
+
+
+def _triton_setup_context(ctx, inputs, output):
+    x, mix, H, W, shift, _ = inputs
+    ctx.save_for_backward(x, mix)
+    ctx.args = (H, W, shift)
+
+
+def _triton_backward(ctx, g):
+    x, mix = ctx.saved_tensors
+    gx, gmix = torch.ops.linvision.q_shift_lerp_triton_bwd(g, x, mix, *ctx.args)
+    return gx, gmix.to(mix.dtype), None, None, None, None
+
+
+_triton_op.register_autograd(_triton_backward, setup_context=_triton_setup_context)
+
+
 class _QShiftLerpCPU(torch.autograd.Function):
     """Eager CPU ``q_shift_lerp`` on the compiled kernel: the custom op without its dispatch (see
     :func:`linvision.ops.biwkv.eager_cpu_kernel`); same backward."""
@@ -124,19 +171,23 @@ class _QShiftLerpCPU(torch.autograd.Function):
         return gx, gmp.sum(0).to(mix.dtype), None, None, None
 
 
-def q_shift_lerp(x: torch.Tensor, mix: torch.Tensor, grid: Tuple[int, int], shift: int = 1) -> torch.Tensor:
+def q_shift_lerp(x: torch.Tensor, mix: torch.Tensor, grid: Tuple[int, int], shift: int = 1,
+                 out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``torch.lerp(q_shift(x, grid, shift), x, mix[i])`` for every row of ``mix``, in one op (module docstring).
 
     Args:
         x: ``[B, T, C]`` tokens in row-major order over ``grid``.
-        mix: ``[n, C]`` interpolation weights (μ of the official code), x's dtype.
+        mix: ``[n, C]`` interpolation weights (μ of the official code).
         grid: ``(H, W)`` patch grid, ``H * W == T``.
         shift: Q-Shift distance in patches (>= 1).
+        out_dtype: dtype of the result (default: x's). The layers pass the autocast dtype under autocast: the
+            projections would cast to it anyway, and the CUDA kernel then writes it directly (no extra pass).
 
     Returns:
-        ``[n, B, T, C]`` in x's dtype (differentiable in x and mix). The custom op (and its compiled CPU kernel)
-        runs only on CPU with the compiled CPU path on (``LINVISION_BIWKV_CPU``, see
-        :func:`~linvision.ops.biwkv.cpu_kernel`) and outside ``torch.export``; otherwise plain tensor ops, which
+        ``[n, B, T, C]`` in ``out_dtype`` (differentiable in x and mix; gradients in their dtypes). On CUDA the
+        Triton kernels of :mod:`linvision.ops.qshift_triton` (Triton installed, ``LINVISION_TRITON`` not ``0``,
+        C >= 4); on CPU the compiled kernel where the compiled CPU path is on (``LINVISION_BIWKV_CPU``, see
+        :func:`~linvision.ops.biwkv.cpu_kernel`), outside ``torch.export``; otherwise plain tensor ops, which
         ``torch.export``/ONNX take as they are.
 
     Raises:
@@ -148,14 +199,18 @@ def q_shift_lerp(x: torch.Tensor, mix: torch.Tensor, grid: Tuple[int, int], shif
         raise ValueError(f"q_shift: grid {grid} does not match T={T}")
     if mix.dim() != 2 or mix.shape[1] != C:
         raise ValueError(f"q_shift_lerp: mix must be [n, C={C}], got {tuple(mix.shape)}")
+    out_dtype = out_dtype or x.dtype
+    exporting = torch.compiler.is_exporting()
+    if not exporting and C >= 4 and triton_enabled(x, mix):  # CUDA: one Triton pass, writes out_dtype
+        return torch.ops.linvision.q_shift_lerp_triton(x, mix, int(H), int(W), int(shift), out_dtype)
     from .biwkv import cpu_kernel, eager_cpu_kernel
-    kernel = "torch" if x.device.type != "cpu" or torch.compiler.is_exporting() else cpu_kernel()
+    kernel = "torch" if x.device.type != "cpu" or exporting else cpu_kernel()
     if kernel == "torch":  # plain tensor ops (also under torch.export / ONNX: a graph of standard ops, no custom op)
         # H, W as given: under a dynamic torch.export they are symbolic, and int() would pin the graph to one size
-        return _q_shift_lerp_torch(x, mix.to(x.dtype), H, W, int(shift))
+        return _q_shift_lerp_torch(x, mix.to(x.dtype), H, W, int(shift)).to(out_dtype)
     mix = mix.to(x.dtype)
     if x.dtype in (torch.float32, torch.float64) and eager_cpu_kernel(x, kernel):  # the kernel, no op dispatch
         if torch.is_grad_enabled() and (x.requires_grad or mix.requires_grad):
-            return _QShiftLerpCPU.apply(x, mix, int(H), int(W), int(shift))
-        return _q_shift_lerp_numba(x, mix, int(H), int(W), int(shift))
-    return torch.ops.linvision.q_shift_lerp(x, mix, int(H), int(W), int(shift))
+            return _QShiftLerpCPU.apply(x, mix, int(H), int(W), int(shift)).to(out_dtype)
+        return _q_shift_lerp_numba(x, mix, int(H), int(W), int(shift)).to(out_dtype)
+    return torch.ops.linvision.q_shift_lerp(x, mix, int(H), int(W), int(shift)).to(out_dtype)
