@@ -145,6 +145,39 @@ def test_wkv6_extreme_decays(w_lo, w_hi):
         assert rel_rms(a, b, floor=1e-3) < 1e-5, name
 
 
+@pytest.mark.parametrize("w_lo,w_hi", [(-5.0, 1.0), (2.0, 2.1), (2.0, 6.0), (-12.0, 6.0), (-20.0, -15.0)],
+                         ids=["mixed", "decay4e-4", "decay_to_1e-175", "wide", "no_decay"])
+@pytest.mark.parametrize("T,chunk", [(1, 16), (37, 16), (100, 4), (64, 64)])
+def test_wkv6_cpu_kernel_matches_reference(monkeypatch, w_lo, w_hi, T, chunk):
+    """Without gradients on CPU the within-chunk scores come from the compiled kernel (ops/wkv6_cpu.py: running decay
+    products, no [L, L, N] tensor): it runs (spied), and the output matches the float64 recurrence as closely as
+    the torch form does, in float32 and float64, at vanishing, tiny and absent decays and odd T / chunks."""
+    import linvision.ops.wkv6_cpu as kernel_mod
+    calls = []
+    real = kernel_mod.intra_chunk_scores
+    monkeypatch.setattr(kernel_mod, "intra_chunk_scores", lambda *a: calls.append(1) or real(*a))
+    x = [t.detach() for t in _inputs(2, T, 2, 8, w_lo, w_hi, seed=11)]
+    ref = wkv6_ref(*(t.double() for t in x))
+    with torch.no_grad():
+        fast = wkv6(*x, chunk_size=chunk)
+        fast64 = wkv6(*(t.double() for t in x), chunk_size=chunk)
+        monkeypatch.setenv("LINVISION_BIWKV_CPU", "torch")
+        plain = wkv6(*x, chunk_size=chunk)
+    assert len(calls) == 2  # float32 and float64; not with LINVISION_BIWKV_CPU=torch
+    assert torch.isfinite(fast).all() and fast.dtype == torch.float32
+    assert rel_rms(fast, ref) < max(2 * rel_rms(plain, ref), 2e-7)
+    assert rel_rms(fast64, ref) < 1e-12
+
+
+def test_wkv6_cpu_kernel_only_without_gradients(monkeypatch):
+    """With gradients the torch form runs (autograd through it), so training is unchanged."""
+    import linvision.ops.wkv6_cpu as kernel_mod
+    monkeypatch.setattr(kernel_mod, "intra_chunk_scores", lambda *a: pytest.fail("kernel called with gradients"))
+    x = _inputs(1, 20, 2, 4)
+    wkv6(*x).sum().backward()
+    assert all(t.grad is not None for t in x)
+
+
 def test_wkv6_extreme_decays_cumprod_would_fail():
     """The hazard the log-space chunks avoid is real: in float32 the within-chunk cumulative product of 4e-4
     decays underflows to exactly 0 (so prod(a_t)/prod(a_s) would be 0/0)."""

@@ -90,11 +90,30 @@ def wkv6_ref(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
     return y.transpose(1, 2).reshape(B, T, C).to(r.dtype)
 
 
-def _intra_chunk(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, excl: torch.Tensor, incl: torch.Tensor
-                 ) -> torch.Tensor:
+def _cpu_kernel_applies(*tensors: torch.Tensor) -> bool:
+    """The compiled CPU kernel of :mod:`.wkv6_cpu` runs for the within-chunk scores when nothing needs their
+    gradient, the tensors are CPU float32/float64, and the compiled CPU path is on in eager mode
+    (:func:`linvision.ops.biwkv.eager_cpu_kernel`: ``LINVISION_BIWKV_CPU``, not inside compile/export/dispatch
+    modes)."""
+    from .biwkv import eager_cpu_kernel
+
+    x = tensors[0]
+    if x.dtype not in (torch.float32, torch.float64) or x.device.type != "cpu":
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return eager_cpu_kernel(x)
+
+
+def _intra_chunk(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, excl: torch.Tensor, incl: torch.Tensor,
+                 lw: torch.Tensor) -> torch.Tensor:
     """Within each chunk ``[B', H, n, L, N]``: ``sum_{s<t} r_t diag(exp(excl_t - incl_s)) k_s^T v_s``, the
     log-decay between ``s < t`` being ``excl_t - incl_s = sum_{m=s+1}^{t-1} log a_m <= 0`` (float64 difference,
-    then ``r.dtype``)."""
+    then ``r.dtype``). Inference on CPU: the same scores (to rounding) by the compiled kernel of :mod:`.wkv6_cpu`
+    from ``lw = log a``, no ``[L, L, N]`` tensor."""
+    if _cpu_kernel_applies(r, k, v, lw):
+        from .wkv6_cpu import intra_chunk_scores
+        return intra_chunk_scores(r, k, lw) @ v
     L = r.shape[-2]
     mask = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)[:, :, None]  # [t, s, 1]
     D = (excl[..., :, None, :] - incl[..., None, :, :]).to(r.dtype).masked_fill_(~mask, float("-inf"))
@@ -141,7 +160,7 @@ def _causal_chunked(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lw: torch
     incl = lw.cumsum(dim=3)  # float64: sum of log a over chunk tokens 0..t
     excl = incl - lw  # 0..t-1
     dt = r.dtype
-    y = _intra_chunk(r, k, v, excl, incl)
+    y = _intra_chunk(r, k, v, excl, incl, lw)
     # inter-chunk: chunk-end states S_c = sum over earlier chunks; all exponents <= 0
     k_end = k * torch.exp(incl[..., -1:, :] - incl).to(dt)  # decay from s to the chunk's end (exclusive of s)
     U = k_end.transpose(-1, -2) @ v  # [B', H, n, N, N]
