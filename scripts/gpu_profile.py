@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,8 @@ import torch
 
 import linvision  # noqa: F401  (registers the models; must precede timm)
 import timm
+
+from gpu_bench import events_ms  # scripts/ is on sys.path when this file runs
 
 T0 = time.time()
 LINES: list = []
@@ -56,18 +57,6 @@ def say(*lines: str) -> None:
         LINES.append(line)
     (OUT / "profile.md").write_text("\n".join(LINES) + "\n")
     (OUT / "profile.json").write_text(json.dumps(ROWS, indent=1))
-
-
-def events_ms(fn, iters: int) -> float:
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def make_step(name, kw, res, batch, train, compiled, sdpa):
