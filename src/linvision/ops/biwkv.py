@@ -350,12 +350,12 @@ def cpu_kernel() -> str:
     return choice
 
 
-def _numba_forward(w, u, k, v, chunk_size: int):
+def _numba_forward(w, u, k, v, chunk_size: int, reuse: bool = False):
     """The compiled CPU forward (:func:`linvision.ops.biwkv_cpu.forward`) in the layout of ``chunk_size``: ``(y,
-    X, [δ' ; den], carries)``, as the custom op returns them."""
+    X, [δ' ; den], carries)``, as the custom op returns them; ``reuse``: only y is kept (scratch buffers)."""
     from . import biwkv_cpu
 
-    return biwkv_cpu.forward(w, u, k, v, *_chunking(k.shape[1], chunk_size), _compute_dtype(w, u, k, v))
+    return biwkv_cpu.forward(w, u, k, v, *_chunking(k.shape[1], chunk_size), _compute_dtype(w, u, k, v), reuse)
 
 
 @_bi_wkv_fwd_op.register_kernel("cpu")
@@ -534,7 +534,7 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
     if kernel == "numba" and eager_cpu_kernel(k, kernel):  # the same kernels, without the custom op's dispatch
         if torch.is_grad_enabled() and any(t.requires_grad for t in (w, u, k, v)):
             return _BiWKVCPU.apply(w, u, k, v, int(chunk_size))
-        return _numba_forward(w, u, k, v, int(chunk_size))[0]
+        return _numba_forward(w, u, k, v, int(chunk_size), reuse=True)[0]
     return torch.ops.linvision.bi_wkv_fwd(w, u, k, v, int(chunk_size))[0]
 
 
