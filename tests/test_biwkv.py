@@ -369,6 +369,29 @@ def test_numba_imported_only_when_used():
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def test_numba_scratch_buffers_are_safe_to_reuse(monkeypatch):
+    """The compiled forward reuses this thread's scratch buffers for what no caller keeps (e^{k - max k}; X, PS and
+    the carries without gradients): an earlier result is not overwritten by a later call, inference-mode, no-grad
+    and training calls in any order give the same output (a buffer made under inference_mode stays writable
+    outside it), and the shapes may change between calls."""
+    monkeypatch.setenv("LINVISION_BIWKV_CPU", "numba")
+    g = torch.Generator().manual_seed(0)
+    w, u = torch.rand(16, generator=g) / 50, torch.rand(16, generator=g) / 50
+    k1, v1, k2, v2 = (torch.randn(2, 50, 16, generator=g) for _ in range(4))
+    with torch.inference_mode():
+        y1 = bi_wkv(w, u, k1, v1)
+        bi_wkv(w, u, k2, v2)
+        bi_wkv(w, u, k2[:, :7], v2[:, :7])  # other shapes replace the buffers
+    with torch.no_grad():
+        y1b = bi_wkv(w, u, k1, v1)
+    kg = k1.clone().requires_grad_()
+    y1c = bi_wkv(w, u, kg, v1)
+    y1c.sum().backward()
+    assert torch.equal(y1, y1b) and torch.equal(y1, y1c.detach()) and torch.isfinite(kg.grad).all()
+    torch.testing.assert_close(y1, bi_wkv_ref(w, u, k1, v1), rtol=1e-5, atol=1e-5)
+    assert "a" in biwkv_cpu._TLS.scratch and not biwkv_cpu._TLS.scratch["a"].is_inference()
+
+
 def test_numba_keeps_torch_thread_count():
     """numba's OpenMP threading layer sets the shared OpenMP runtime's thread count to numba's pool size when it
     starts (the first compiled kernel in a process). The kernels must leave torch's count as they found it:

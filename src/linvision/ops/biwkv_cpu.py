@@ -233,7 +233,8 @@ def _scratch(name: str, *shape: int, dtype: torch.dtype) -> torch.Tensor:
     cache = _TLS.__dict__.setdefault("scratch", {})
     buf = cache.get(name)
     if buf is None or buf.shape != shape or buf.dtype != dtype:
-        buf = cache[name] = torch.empty(shape, dtype=dtype)
+        with torch.inference_mode(False):  # a normal tensor: writable in and outside inference mode
+            buf = cache[name] = torch.empty(shape, dtype=dtype)
     return buf
 
 
