@@ -5,8 +5,9 @@ Usage: ``PYTHONPATH=src python3 scripts/gpu_profile.py [--out DIR] [--budget SEC
 For each case (model, resolution, batch; bf16-autocast inference unless the case says ``train``) it writes
 ``DIR/profile.md``: milliseconds per step (CUDA events, median), kernels launched per step, the GPU-busy share
 (summed kernel time ÷ step time: low means the step waits on Python/launches), peak MiB, and the top kernels by
-self CUDA time (``torch.profiler``; with ``--cpu-top N`` also the top N host ops by self CPU time). Then ``torch.compile`` (inductor, default mode) of the same step, and timm's
-DeiT-T with the math SDPA backend (attention materialised, as the ViT the Vision-RWKV paper compares against).
+self CUDA time (``torch.profiler``; with ``--cpu-top N`` also the top N host ops by self CPU time). Cases also
+cover ``torch.compile`` (inductor, default mode) of the same step, and timm's DeiT-T with the math SDPA backend
+(attention materialised, as the ViT the Vision-RWKV paper compares against).
 Every case runs in its own try block, and no case starts after ``--budget`` seconds.
 """
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""CUDA tests (marker ``cuda``; skipped without a GPU): the Triton kernels behind ``bi_wkv`` and
-``retention_chunkwise`` (and the Q-Shift + lerp kernel) against the float64 references and the PyTorch forms at realistic shapes (up to 16,384
-tokens), extreme inputs in fp32/bf16/fp16, torch.compile, and the models with and without the kernels.
+"""CUDA tests (marker ``cuda``; skipped without a GPU): the Triton kernels behind ``bi_wkv``,
+``retention_chunkwise`` and ``q_shift_lerp`` against the float64 references and the PyTorch forms at realistic
+shapes (up to 16,384 tokens), extreme inputs in fp32/bf16/fp16, torch.compile, and the models with and without the
+kernels.
 Run by scripts/gpu_check.sh (``python3 -m pytest tests/test_cuda.py -m cuda``)."""
 from __future__ import annotations
 
