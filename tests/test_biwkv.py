@@ -390,6 +390,10 @@ def test_numba_scratch_buffers_are_safe_to_reuse(monkeypatch):
     assert torch.equal(y1, y1b) and torch.equal(y1, y1c.detach()) and torch.isfinite(kg.grad).all()
     torch.testing.assert_close(y1, bi_wkv_ref(w, u, k1, v1), rtol=1e-5, atol=1e-5)
     assert "a" in biwkv_cpu._TLS.scratch and not biwkv_cpu._TLS.scratch["a"].is_inference()
+    monkeypatch.setattr(biwkv_cpu, "SCRATCH_MAX_BYTES", 1000)  # larger buffers are not kept between calls
+    with torch.no_grad():
+        torch.testing.assert_close(bi_wkv(w, u, k1, v1), y1, rtol=0, atol=0)
+    assert "a" not in biwkv_cpu._TLS.scratch and "X" not in biwkv_cpu._TLS.scratch
 
 
 def test_numba_keeps_torch_thread_count():

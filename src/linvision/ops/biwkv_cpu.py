@@ -34,6 +34,7 @@ results differ from the torch path only by the order of the additions.
 """
 from __future__ import annotations
 
+import math
 import threading
 from typing import Optional, Tuple
 
@@ -225,12 +226,20 @@ def _np(x: torch.Tensor):
     return x.detach().numpy()
 
 
+SCRATCH_MAX_BYTES = 32 * 2 ** 20  # larger scratch tensors are allocated per call, not kept
+
+
 def _scratch(name: str, *shape: int, dtype: torch.dtype) -> torch.Tensor:
     """This thread's buffer ``name`` of ``shape``/``dtype``: the last one when they match, else a new one (which
     replaces it). For tensors nobody keeps after the call. Writing a fresh multi-MiB tensor costs a page fault per
     4 KiB page — on this VM kind ~11 ms of a 15 ms Bi-WKV forward at T = 4,096, C = 192 (the kernel itself
-    2.4 ms); a reused buffer is already mapped. One buffer per name and thread is kept."""
+    2.4 ms); a reused buffer is already mapped. One buffer per name and thread is kept, each at most
+    ``SCRATCH_MAX_BYTES`` (32 MiB: a 2048² image at batch 1 fits; the forward keeps at most ~100 MiB per thread
+    between calls); a larger one is allocated for the call alone."""
     cache = _TLS.__dict__.setdefault("scratch", {})
+    if math.prod(shape) * dtype.itemsize > SCRATCH_MAX_BYTES:
+        cache.pop(name, None)
+        return torch.empty(shape, dtype=dtype)
     buf = cache.get(name)
     if buf is None or buf.shape != shape or buf.dtype != dtype:
         with torch.inference_mode(False):  # a normal tensor: writable in and outside inference mode
