@@ -160,9 +160,9 @@ def bench_model(name, res, batch, kw, max_s=20.0, graph=False, math=False):
     base = torch.cuda.memory_allocated()
     model = timm.create_model(name, img_size=res, num_classes=1000, **kw).cuda().eval()
     x = torch.randn(batch, 3, res, res, device="cuda")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def step():
-        from torch.nn.attention import SDPBackend, sdpa_kernel
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16), \
                 (sdpa_kernel(SDPBackend.MATH) if math else contextlib.nullcontext()):
             model(x)

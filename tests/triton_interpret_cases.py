@@ -86,7 +86,7 @@ def ret_case(B, T, H, K, V, chunk, with_state, final, dtype=torch.float32):
     return res
 
 
-def qshift_case(B, H, W, C, n, shift, out_dtype=torch.float32):
+def qshift_case(B, H, W, C, n, shift, out_dtype=torch.float32, through_op=False):
     """The Triton Q-Shift + lerp kernels (forward, and the backward with ∂x and ∂μ) against the plain form's
     autograd in float64: ``q_shift_ref`` then ``s + μ (x - s)`` per row of μ."""
     g = torch.Generator().manual_seed(H * 100 + W * 10 + C)
@@ -96,8 +96,13 @@ def qshift_case(B, H, W, C, n, shift, out_dtype=torch.float32):
     s = q_shift_ref(x, (H, W), shift)
     ref = torch.stack([s + m * (x - s) for m in mix.unbind(0)])
     rgx, rgm = torch.autograd.grad(ref, (x, mix), gy)
-    out = q_shift_lerp_forward(x.detach().float(), mix.detach().float(), H, W, shift, out_dtype)
-    gx, gm = q_shift_lerp_backward(gy.to(out_dtype), x.detach().float(), mix.detach().float(), H, W, shift)
+    if through_op:  # the custom op with its registered autograd (what CUDA calls take)
+        x32, m32 = (t.detach().float().requires_grad_() for t in (x, mix))
+        out = torch.ops.linvision.q_shift_lerp_triton(x32, m32, H, W, shift, out_dtype)
+        gx, gm = torch.autograd.grad(out, (x32, m32), gy.to(out_dtype))
+    else:
+        out = q_shift_lerp_forward(x.detach().float(), mix.detach().float(), H, W, shift, out_dtype)
+        gx, gm = q_shift_lerp_backward(gy.to(out_dtype), x.detach().float(), mix.detach().float(), H, W, shift)
     return {"out": rel_rms(out.float(), ref.float(), 1.0), "x": rel_rms(gx, rgx, 1.0), "mix": rel_rms(gm, rgm, 1.0),
             "dtypes_ok": float(out.dtype == out_dtype and gx.dtype == torch.float32 and gm.dtype == torch.float32)}
 
@@ -122,6 +127,7 @@ CASES = {
     "qshift_4x6_C70_s2": lambda: qshift_case(1, 4, 6, 70, 3, 2),
     "qshift_bf16": lambda: qshift_case(1, 5, 7, 16, 3, 1, torch.bfloat16),
     "qshift_2x2_C4": lambda: qshift_case(3, 2, 2, 4, 2, 1),
+    "qshift_op": lambda: qshift_case(2, 3, 5, 13, 3, 1, through_op=True),
 }
 
 if __name__ == "__main__":

@@ -86,8 +86,8 @@ def _(x, mix, H, W, shift):
     return x.new_empty(mix.shape[0], *x.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    x, mix, H, W, shift = inputs
+def _setup_context(ctx, inputs, output):  # also the Triton op's (whose extra last input is out_dtype)
+    x, mix, H, W, shift = inputs[:5]
     ctx.save_for_backward(x, mix)
     ctx.args = (H, W, shift)
 
@@ -131,19 +131,13 @@ def _(g, x, mix, H, W, shift):
     return torch.empty_like(x), mix.new_empty(mix.shape, dtype=torch.float32)
 
 
-def _triton_setup_context(ctx, inputs, output):
-    x, mix, H, W, shift, _ = inputs
-    ctx.save_for_backward(x, mix)
-    ctx.args = (H, W, shift)
-
-
 def _triton_backward(ctx, g):
     x, mix = ctx.saved_tensors
     gx, gmix = torch.ops.linvision.q_shift_lerp_triton_bwd(g, x, mix, *ctx.args)
     return gx, gmix.to(mix.dtype), None, None, None, None
 
 
-_triton_op.register_autograd(_triton_backward, setup_context=_triton_setup_context)
+_triton_op.register_autograd(_triton_backward, setup_context=_setup_context)
 
 
 class _QShiftLerpCPU(torch.autograd.Function):

@@ -98,7 +98,7 @@ def _cpu_kernel_applies(*tensors: torch.Tensor) -> bool:
     from .biwkv import eager_cpu_kernel
 
     x = tensors[0]
-    if x.dtype not in (torch.float32, torch.float64) or x.device.type != "cpu":
+    if x.dtype not in (torch.float32, torch.float64):
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
