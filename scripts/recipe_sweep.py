@@ -13,8 +13,8 @@ Usage::
 Each run is ``python -m linvision train --device D --threads 1 --workers 1 --output DIR/runs/NAME OPTIONS`` in its
 own process (``OMP_NUM_THREADS=1``), ``--parallel`` at a time; its log goes to ``DIR/logs/NAME.log``. No new run
 starts after ``--budget`` seconds. Accuracy does not depend on the load, so on one GPU (or many CPU cores) a grid
-of short runs finishes in minutes: the README's 7-epoch sweep (44 runs) took two runs of ~6 minutes on one H200,
-and at 3 epochs the CUDA runs gave exactly the CPU runs' test top-1.
+of short runs finishes in minutes: the README's 7-epoch sweep (44 runs, ``scripts/sweeps/main_job.txt``) took about
+8 minutes of one H200 in all, and at 3 epochs the CUDA runs gave exactly the CPU runs' test top-1.
 
 Writes ``DIR/results.csv`` (one row per run: name, options, rc, seconds, epochs and the last ``metrics.csv`` row's
 ``test_top1``, ``val_top1``, ``train_loss``, ``weights``) and prints a markdown table per configuration (the name
