@@ -28,6 +28,7 @@ import argparse
 import csv
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -95,7 +96,7 @@ def run_all(jobs: List[Tuple[str, str]], out: Path, parallel: int, device: str, 
         while queue and len(running) < parallel and time.time() - t0 < budget:
             name, options = queue.pop(0)
             cmd = [sys.executable, "-m", "linvision", "train", "--device", device, "--threads", "1", "--workers", "1",
-                   "--output", str(out / "runs" / name), *options.split()]
+                   "--output", str(out / "runs" / name), *shlex.split(options)]
             log = open(out / "logs" / f"{name}.log", "w")
             running[name] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), time.time(),
                              options, log)
