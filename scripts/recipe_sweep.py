@@ -36,7 +36,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-FIELDS = ("name", "options", "rc", "seconds", "epochs", "test_top1", "val_top1", "train_loss", "weights")
+METRICS = ("epochs", "test_top1", "val_top1", "train_loss", "weights")  # from the run's last metrics.csv row
+FIELDS = ("name", "options", "rc", "seconds", *METRICS)
 
 
 def read_jobs(path: Path) -> List[Tuple[str, str]]:
@@ -110,7 +111,7 @@ def run_all(jobs: List[Tuple[str, str]], out: Path, parallel: int, device: str, 
             log.close()
             m = last_metrics(out / "runs" / name)
             r = dict(name=name, options=options, rc=str(proc.returncode), seconds=f"{time.time() - start:.0f}",
-                     **{k: m.get(k, "") for k in FIELDS[4:]})
+                     **{k: m.get(k, "") for k in METRICS})
             results.append(r)
             print(f"[{time.time() - t0:5.0f} s] {name}: rc {r['rc']}, test top-1 {r['test_top1'] or '-'}, "
                   f"val {r['val_top1'] or '-'}, {r['epochs'] or 0} epochs", flush=True)
