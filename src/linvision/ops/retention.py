@@ -259,8 +259,11 @@ def _head_chunks(t: torch.Tensor, padded: int, dtype: torch.dtype) -> torch.Tens
     """``[B, T, H, d]`` → contiguous head-major ``[B, H, padded, d]`` in ``dtype``, zeros after T: one copy (a
     padded transpose keeps the token-major strides, and every batched matmul on it would copy it again)."""
     B, T, H, d = t.shape
-    out = t.new_zeros((B, H, padded, d), dtype=dtype)
+    if padded == T:  # nothing to pad: the transposed copy alone (no zero fill first)
+        return t.transpose(1, 2).contiguous().to(dtype)
+    out = t.new_empty((B, H, padded, d), dtype=dtype)
     out[:, :, :T] = t.transpose(1, 2)
+    out[:, :, T:] = 0
     return out
 
 
@@ -287,15 +290,16 @@ def retention_chunkwise_batched(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     # [H, L, L] decayed mask · scale, γ^(l+1) · scale and γ^(L-1-l) as [H, 1, L, 1] (cached across calls)
     D, head, tail, _ = _decay_factors(gamma.detach(), L, scale, dt, q.device)
     head, tail = head[:, None], tail[:, None]
-    o = ((qc @ kc.transpose(-1, -2)) * D[:, None]) @ vc  # intra-chunk [B, H, n, L, V]
+    o = (qc @ kc.transpose(-1, -2)).mul_(D[:, None]) @ vc  # intra-chunk [B, H, n, L, V]
     totals = (kc * tail).transpose(-1, -2) @ vc  # [B, H, n, K, V]
     ci = torch.arange(n, device=q.device)
     Dn = decay_powers(log_g * L, ci[:, None] - 1 - ci[None, :], torch.float64).to(dt)  # [H, n, n], j' < j
     S = (Dn @ totals.reshape(B, H, n, K * V)).reshape(B, H, n, K, V)  # state entering each chunk
     if initial_state is not None:
         S = S + decay_powers(log_g * L, ci, torch.float64).to(dt)[:, :, None, None] * initial_state.to(dt)[:, :, None]
-    o = o + (qc * head) @ S
-    o = o.reshape(B, H, n * L, V)[:, :, :T].transpose(1, 2).to(v.dtype)
+    # + the cross-chunk part, accumulated into o by the product itself (no separate pass)
+    o.view(-1, L, V).baddbmm_((qc * head).view(-1, L, K), S.view(-1, K, V))
+    o = o.view(B, H, n * L, V)[:, :, :T].transpose(1, 2).to(v.dtype)
     final = None
     if output_final_state:  # the last chunk holds r = T - (n - 1) L true tokens
         r = T - (n - 1) * L
