@@ -60,6 +60,29 @@ def test_models_bf16_autocast_forward_backward_finite(name, kw):
     assert rel_rms(low.float(), ref) < 5e-2
 
 
+@pytest.mark.parametrize("T, chunk", [(128, 64), (200, 64), (33, 7), (1, 64)])
+def test_retention_chunkwise_fp32_inputs_under_bf16_autocast(T, chunk):
+    """The op called directly with float32 q, k, v (and initial state) under bf16 autocast — its products run in
+    bf16, its elementwise products in fp32, and the cross-chunk term is accumulated into the intra-chunk product
+    in place: it runs (whole and padded chunks, one token), output in v's dtype, output, final state and the
+    gradients finite and within bf16 rounding of the fp32 call."""
+    from linvision.ops import retention_chunkwise
+    from linvision.ops.retention import decay_gammas
+
+    g = torch.Generator().manual_seed(T)
+    q, k, v = (torch.randn(2, T, 3, 16, generator=g).requires_grad_() for _ in range(3))
+    s0 = torch.randn(2, 3, 16, 16, generator=g)
+    gamma = decay_gammas(3)
+    ref, ref_s = retention_chunkwise(q, k, v, gamma, initial_state=s0, output_final_state=True, chunk_size=chunk)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, state = retention_chunkwise(q, k, v, gamma, initial_state=s0, output_final_state=True,
+                                         chunk_size=chunk)
+    assert out.dtype == torch.float32
+    grads = torch.autograd.grad(out.sum() + state.float().sum(), (q, k, v))
+    assert all(torch.isfinite(t.float()).all() for t in (out, state, *grads))
+    assert rel_rms(out.float(), ref) < 5e-2 and rel_rms(state.float(), ref_s) < 5e-2
+
+
 def _losses(run):
     with open(run / "metrics.csv") as f:
         return [float(r["train_loss"]) for r in csv.DictReader(f)]

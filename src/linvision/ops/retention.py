@@ -297,8 +297,9 @@ def retention_chunkwise_batched(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     S = (Dn @ totals.reshape(B, H, n, K * V)).reshape(B, H, n, K, V)  # state entering each chunk
     if initial_state is not None:
         S = S + decay_powers(log_g * L, ci, torch.float64).to(dt)[:, :, None, None] * initial_state.to(dt)[:, :, None]
-    # + the cross-chunk part, accumulated into o by the product itself (no separate pass)
-    o.view(-1, L, V).baddbmm_((qc * head).view(-1, L, K), S.view(-1, K, V))
+    # + the cross-chunk part, accumulated into o by the product itself (no separate pass); in o's dtype (under
+    # autocast the products above are in the low-precision dtype, the elementwise products not)
+    o.view(-1, L, V).baddbmm_((qc * head).view(-1, L, K).to(o.dtype), S.view(-1, K, V).to(o.dtype))
     o = o.view(B, H, n * L, V)[:, :, :T].transpose(1, 2).to(v.dtype)
     final = None
     if output_final_state:  # the last chunk holds r = T - (n - 1) L true tokens
