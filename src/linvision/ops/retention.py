@@ -259,11 +259,10 @@ def _head_chunks(t: torch.Tensor, padded: int, dtype: torch.dtype) -> torch.Tens
     """``[B, T, H, d]`` → contiguous head-major ``[B, H, padded, d]`` in ``dtype``, zeros after T: one copy (a
     padded transpose keeps the token-major strides, and every batched matmul on it would copy it again)."""
     B, T, H, d = t.shape
-    if padded == T:  # nothing to pad: the transposed copy alone (no zero fill first)
-        return t.transpose(1, 2).contiguous().to(dtype)
     out = t.new_empty((B, H, padded, d), dtype=dtype)
     out[:, :, :T] = t.transpose(1, 2)
-    out[:, :, T:] = 0
+    if padded > T:  # only the padding is zeroed (no fill of the whole tensor first)
+        out[:, :, T:] = 0
     return out
 
 
