@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ..ops.biwkv import bi_wkv
 from ..ops.qshift import q_shift_lerp
+from .inplace import overwritable
 from .linear import PackedLinear
 
 __all__ = ["q_shift", "SpatialMix", "ChannelMix"]
@@ -48,11 +49,6 @@ def q_shift(x: torch.Tensor, grid: Tuple[int, int], shift: int = 1) -> torch.Ten
         x[..., 4 * q:],
     ], dim=-1)
     return out.reshape(B, T, C)
-
-
-def _inference(t: torch.Tensor) -> bool:
-    """True when no gradient will flow through ``t``: its elementwise ops may then run in place."""
-    return not (torch.is_grad_enabled() and t.requires_grad)
 
 
 def _proj_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
@@ -111,7 +107,7 @@ class SpatialMix(nn.Module):
             xk = xv = xr = x
         k, v, r = self.key(xk), self.value(xv), self.receptance(xr)
         x = self.key_norm(self.wkv_fn(self.spatial_decay / T, self.spatial_first / T, k, v))
-        return self.output(torch.sigmoid_(r).mul_(x) if _inference(r) else torch.sigmoid(r) * x)
+        return self.output(torch.sigmoid_(r).mul_(x) if overwritable(r) else torch.sigmoid(r) * x)
 
 
 class ChannelMix(nn.Module):
@@ -139,6 +135,6 @@ class ChannelMix(nn.Module):
         else:
             xk = xr = x
         k, r = self.key(xk), self.receptance(xr)
-        if _inference(k):  # in place: no new [B, T, 4C] tensors
+        if overwritable(k):  # in place: no new [B, T, 4C] tensors
             return torch.sigmoid_(r).mul_(self.value(self.key_norm(torch.relu_(k).square_())))
         return torch.sigmoid(r) * self.value(self.key_norm(torch.square(torch.relu(k))))

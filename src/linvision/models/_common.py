@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import resample_abs_pos_embed, trunc_normal_
+from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.layers.format import nchw_to
 from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 
@@ -21,6 +22,24 @@ def cfg(url: str = "", **kwargs: Any) -> Dict[str, Any]:
     return {"url": url, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.9,
             "interpolation": "bicubic", "fixed_input_size": False, "mean": IMAGENET_DEFAULT_MEAN,
             "std": IMAGENET_DEFAULT_STD, "classifier": "head", **kwargs}
+
+
+class PaddedPatchEmbed(PatchEmbed):
+    """timm's ``PatchEmbed(dynamic_img_pad=True, strict_img_size=False)``: images of any size, sides not divisible
+    by the patch zero-padded bottom/right (as the official mmcv ``PatchEmbed(padding='corner')``). Same parameters,
+    state dict and results; only, in eager mode, an image that needs no padding is not copied (``F.pad`` with zero
+    pads still copies the whole image: 4.6 ms of a 1024² ``vrwkv_tiny`` forward on a 2-core CPU, ~1 %).
+    ``[B, in_chans, H, W]`` → ``[B, ceil(H/p), ceil(W/p), C]`` (``output_fmt="NHWC"``) or as ``output_fmt`` says."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, strict_img_size=False, dynamic_img_pad=True, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = x.shape[-2:]
+        if (self.flatten or not isinstance(H, int) or not isinstance(W, int)  # symbolic sizes: timm's path
+                or H % self.patch_size[0] or W % self.patch_size[1]):
+            return super().forward(x)
+        return self.norm(nchw_to(self.proj(x), self.output_fmt))
 
 
 def resize_pos_embed_2d(pos_embed: torch.Tensor, old_grid: Tuple[int, int], new_grid: Tuple[int, int]) -> torch.Tensor:

@@ -48,6 +48,7 @@ from timm.models.vision_transformer import Attention
 
 from timm.models._features import feature_take_indices
 
+from ..layers.inplace import GELU
 from ._common import (build, cfg, check_output_fmt, finish_intermediates, init_linear_trunc_normal, resize_pos_embed_2d,
                       square_grid)
 
@@ -178,7 +179,7 @@ class ResNASBlock(nn.Module):
                               proj_drop=proj_drop)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = LayerNorm(dim)
-        self.mlp = Mlp(dim, mlp_hidden, act_layer=nn.GELU, drop=proj_drop)
+        self.mlp = Mlp(dim, mlp_hidden, act_layer=GELU, drop=proj_drop)  # GELU: in place where no gradient flows
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,16 +14,17 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed
+from timm.layers import DropPath, Mlp
 from timm.models import generate_default_cfgs, register_model
 
+from ..layers.inplace import GELU, LayerScale
 from ..layers.linear import use_packed_linears_
 from ..layers.retention import RETENTION2D_MODES, RETENTION_MODES, MultiScaleRetention, MultiScaleRetention2D
 from ..ops.retention import auto_chunk_size, auto_form
 from timm.models._features import feature_take_indices
 
-from ._common import (build, cfg, check_output_fmt, finish_intermediates, init_linear_trunc_normal, plain_feature_info,
-                      prune_blocks, resize_pos_embed_2d, square_grid)
+from ._common import (PaddedPatchEmbed, build, cfg, check_output_fmt, finish_intermediates, init_linear_trunc_normal,
+                      plain_feature_info, prune_blocks, resize_pos_embed_2d, square_grid)
 
 __all__ = ["VisionRetention", "VisionRetention2D", "ViRBlock", "checkpoint_filter_fn"]
 
@@ -48,7 +49,8 @@ class ViRBlock(nn.Module):
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+        # GELU and LayerScale overwrite their (temporary) inputs where no gradient flows: same results, less memory
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=GELU, drop=proj_drop)
         use_packed_linears_([self.mlp])  # its fc1/fc2: packed weights for large CPU inference (layers/linear.py)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
@@ -115,8 +117,7 @@ class VisionRetention(nn.Module):
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = int(self.class_token)  # the class token (it is appended last, not prefixed)
         self.grad_checkpointing = False
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, bias=True, strict_img_size=False,
-                                      output_fmt="NHWC", dynamic_img_pad=True)
+        self.patch_embed = PaddedPatchEmbed(img_size, patch_size, in_chans, embed_dim, bias=True, output_fmt="NHWC")
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if self.class_token else None
         self.pos_embed = nn.Parameter(torch.randn(1, self.patch_embed.num_patches, embed_dim) * .02)
         self.pos_drop = nn.Dropout(pos_drop_rate)
@@ -162,7 +163,8 @@ class VisionRetention(nn.Module):
         """``[B, in_chans, H, W]`` → (patch tokens + pos-embed, class token last ``[B, T + 1, C]``, grid)."""
         x = self.patch_embed(x)
         B, H, W, C = x.shape
-        x = x.reshape(B, H * W, C) + resize_pos_embed_2d(self.pos_embed, self.patch_embed.grid_size, (H, W))
+        # pos first: the sum is then laid out contiguously (x, a view of the conv's NCHW output, is not)
+        x = resize_pos_embed_2d(self.pos_embed, self.patch_embed.grid_size, (H, W)) + x.reshape(B, H * W, C)
         x = torch.cat([x, self.cls_token.expand(B, -1, -1)], dim=1)  # class token LAST
         return self.pos_drop(x), (H, W)
 
@@ -300,7 +302,7 @@ class VisionRetention2D(VisionRetention):
         """``[B, in_chans, H, W]`` → (patch tokens + pos-embed ``[B, T, C]``, row-major; grid)."""
         x = self.patch_embed(x)  # [B, rows, cols, C]
         B, R, W, C = x.shape
-        x = x.reshape(B, R * W, C) + resize_pos_embed_2d(self.pos_embed, self.patch_embed.grid_size, (R, W))
+        x = resize_pos_embed_2d(self.pos_embed, self.patch_embed.grid_size, (R, W)) + x.reshape(B, R * W, C)
         return self.pos_drop(x), (R, W)
 
     def _run_blocks(self, x: torch.Tensor, mode: str, grid: Tuple[int, int], take: Sequence[int] = (),

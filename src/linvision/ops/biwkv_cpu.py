@@ -65,7 +65,7 @@ def import_error() -> Optional[BaseException]:
 if numba is not None:
 
     @njit(parallel=True, cache=True, fastmath=False)
-    def _fwd_kernel(w, u, a, v, y, X, PS, car):  # pragma: no cover - compiled; tested through the op
+    def _fwd_kernel(w, u, a, v, y, X, PS, car, saves):  # pragma: no cover - compiled; tested through the op
         B, Tp, C = a.shape  # a = e^{k - max k} and v padded to the Tp = L * nc tokens of the layout (with 0)
         L = X.shape[1]
         r = np.exp(-w.astype(np.float64))  # decay and states in float64 whatever the dtype
@@ -104,16 +104,20 @@ if numba is not None:
                     pr[c] += p[c]
                 for c in range(C):
                     p[c] = r[c] * p[c] + xr[c]
-        for row in prange(B * Tp):  # wkv, den, δ' of each token from both signals' neighbour sums
+        for row in prange(B * Tp):  # wkv (and, for the backward, den and δ') of each token from both signals' sums
             b, t = row // Tp, row % Tp
             l, j = t % L, t // L
             xn, xd, pn, pd, yr = X[b, l, j], X[B + b, l, j], PS[b, l, j], PS[B + b, l, j], y[b, t]
-            for c in range(C):
-                psn, psd = np.float64(pn[c]), np.float64(pd[c])
-                den = psd + eu[c] * xd[c]
-                yr[c] = (psn + eu[c] * xn[c]) / den
-                pn[c] = eu[c] * (xn[c] * psd - xd[c] * psn) / den
-                pd[c] = den
+            if saves:
+                for c in range(C):
+                    psn, psd = np.float64(pn[c]), np.float64(pd[c])
+                    den = psd + eu[c] * xd[c]
+                    yr[c] = (psn + eu[c] * xn[c]) / den
+                    pn[c] = eu[c] * (xn[c] * psd - xd[c] * psn) / den
+                    pd[c] = den
+            else:  # inference: wkv alone (the same arithmetic; one division instead of two)
+                for c in range(C):
+                    yr[c] = (np.float64(pn[c]) + eu[c] * xn[c]) / (np.float64(pd[c]) + eu[c] * xd[c])
 
     @njit(cache=True, inline="always")
     def _track(al, g, den, yr, s):  # pragma: no cover - compiled
@@ -252,7 +256,8 @@ def forward(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """The op's forward on CPU with the compiled kernel: ``(y [B, T, C] in v's dtype, X, [δ' ; den]
     [2B, L, nc, C], carries [2, 2B, nc, C])`` in the compute dtype ``cd`` (float32 or float64), exactly the layout
     of the torch path for chunking ``(L, nc)``. ``reuse``: the caller keeps only y (no backward), so X, PS and the
-    carries are this thread's scratch buffers (:func:`_scratch`), overwritten by the next such call."""
+    carries are this thread's scratch buffers (:func:`_scratch`), overwritten by the next such call, and ``den``
+    and ``δ'`` are not computed (y has the same bits)."""
     B, T, C = k.shape
     Tp = L * nc
     w, u, k32, v32 = (t.to(cd).contiguous() for t in (w, u, k, v))
@@ -270,7 +275,7 @@ def forward(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         PS = torch.empty_like(X)
         car = torch.empty(2, 2 * B, nc, C, dtype=cd)
     with threads("linvision::bi_wkv_fwd (numba)"):
-        _fwd_kernel(_np(w), _np(u), _np(a), _np(v32), _np(y), _np(X), _np(PS), _np(car))
+        _fwd_kernel(_np(w), _np(u), _np(a), _np(v32), _np(y), _np(X), _np(PS), _np(car), not reuse)
     return y[:, :T].to(v.dtype).contiguous(), X, PS, car
 
 
