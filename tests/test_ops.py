@@ -92,6 +92,31 @@ def test_retention_state_splits_a_sequence():
     assert rel_rms(torch.cat([o1, o2], 1), o_full) < 1e-5 and rel_rms(S2, S_full) < 1e-5
 
 
+@pytest.mark.parametrize("needs_grad", ["k", "v", "state", "none"])
+def test_retention_chunkwise_gradients_when_only_some_inputs_require_them(needs_grad):
+    """The chunkwise form scales its copy of q in place only when no gradient is computed: with q constant and k,
+    v or the initial state requiring grad, the backward still runs and matches the reference."""
+    q, k, v, s0 = (t.detach() for t in _ret_inputs(2, 45, 3, 8, 8, torch.float64, seed=3))
+    ins = dict(q=q, k=k, v=v, state=s0)
+    if needs_grad != "none":
+        ins[needs_grad].requires_grad_()
+    gamma = torch.tensor([0.9, 0.8, 0.99], dtype=torch.float64)
+    o, S = retention_chunkwise(ins["q"], ins["k"], ins["v"], gamma, initial_state=ins["state"],
+                               output_final_state=True, chunk_size=16)
+    o_ref, S_ref = retention_ref(q, k, v, gamma, initial_state=s0, output_final_state=True)
+    torch.testing.assert_close(o, o_ref)
+    torch.testing.assert_close(S, S_ref)
+    if needs_grad != "none":
+        leaf = ins[needs_grad]
+        g, = torch.autograd.grad((o.sum() + S.sum()), leaf)
+        ref_leaf = leaf.detach().clone().requires_grad_()
+        ref_ins = {**dict(q=q, k=k, v=v, state=s0), needs_grad: ref_leaf}
+        o2, S2 = retention_ref(ref_ins["q"], ref_ins["k"], ref_ins["v"], gamma, initial_state=ref_ins["state"],
+                               output_final_state=True)
+        g_ref, = torch.autograd.grad(o2.sum() + S2.sum(), ref_leaf)
+        torch.testing.assert_close(g, g_ref)
+
+
 def test_retention_parallel_uncached_mask_matches_reference():
     """Masks too large to cache (H·T² > 2^22) are built per call in the compute dtype: still the reference."""
     from linvision.ops import decay_gammas

@@ -298,7 +298,10 @@ def retention_chunkwise_batched(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         S = S + decay_powers(log_g * L, ci, torch.float64).to(dt)[:, :, None, None] * initial_state.to(dt)[:, :, None]
     # + the cross-chunk part, accumulated into o by the product itself (no separate pass); in o's dtype (under
     # autocast the products above are in the low-precision dtype, the elementwise products not)
-    o.view(-1, L, V).baddbmm_((qc * head).view(-1, L, K).to(o.dtype), S.view(-1, K, V).to(o.dtype))
+    # qc, a fresh copy needed no more, is scaled in place when no gradient is computed (the product above saves it)
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, initial_state))
+    qh = qc * head if grads else qc.mul_(head)
+    o.view(-1, L, V).baddbmm_(qh.view(-1, L, K).to(o.dtype), S.view(-1, K, V).to(o.dtype))
     o = o.view(B, H, n * L, V)[:, :, :T].transpose(1, 2).to(v.dtype)
     final = None
     if output_final_state:  # the last chunk holds r = T - (n - 1) L true tokens
