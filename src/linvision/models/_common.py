@@ -27,8 +27,9 @@ def cfg(url: str = "", **kwargs: Any) -> Dict[str, Any]:
 class PaddedPatchEmbed(PatchEmbed):
     """timm's ``PatchEmbed(dynamic_img_pad=True, strict_img_size=False)``: images of any size, sides not divisible
     by the patch zero-padded bottom/right (as the official mmcv ``PatchEmbed(padding='corner')``). Same parameters,
-    state dict and results; only, in eager mode, an image that needs no padding is not copied (``F.pad`` with zero
-    pads still copies the whole image: 4.6 ms of a 1024² ``vrwkv_tiny`` forward on a 2-core CPU, ~1 %).
+    state dict and results; only, where the sizes are plain ints (eager, or a static-shape compile), an image
+    that needs no padding is not copied (``F.pad`` with zero pads still copies the whole image: 4.6 ms of a 1024²
+    ``vrwkv_tiny`` forward on a 2-core CPU, ~1 %).
     ``[B, in_chans, H, W]`` → ``[B, ceil(H/p), ceil(W/p), C]`` (``output_fmt="NHWC"``) or as ``output_fmt`` says."""
 
     def __init__(self, *args: Any, **kwargs: Any):
