@@ -78,3 +78,19 @@ def test_models_use_the_in_place_layers(name):
     assert all(type(mod) is LayerScale for mod in m.modules() if isinstance(mod, TimmLayerScale))
     if name != "vit_resnas_tiny":
         assert type(m.patch_embed) is PaddedPatchEmbed
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_channel_mix_in_place_inference_equals_training_forward(v6):
+    """Vision-RWKV's channel mixes run relu², the gate and the product in place without gradients: the same bits
+    as the differentiable forward."""
+    from linvision.layers.rwkv import ChannelMix
+    from linvision.layers.rwkv6 import ChannelMixV6
+
+    torch.manual_seed(0)
+    mix = ChannelMixV6(32, 128, head_size=8, layer_id=1, num_layers=3) if v6 else ChannelMix(32, 128, 1, 3)
+    x = torch.randn(2, 6 * 5, 32)
+    train = mix(x.clone().requires_grad_(), (6, 5))
+    with torch.no_grad():
+        infer = mix(x, (6, 5))
+    assert torch.equal(infer, train.detach())
