@@ -67,7 +67,7 @@ def _q_shift_lerp_numba(x: torch.Tensor, mix: torch.Tensor, H: int, W: int, shif
 
     out = x.new_empty(mix.shape[0], *x.shape)
     with biwkv_cpu.threads("linvision::q_shift_lerp (numba)"):
-        qshift_cpu.q_shift_lerp_kernel(x.detach().contiguous().numpy(), mix.detach().contiguous().numpy(), out.numpy(),
+        qshift_cpu.q_shift_lerp_kernel(biwkv_cpu._np(x.contiguous()), biwkv_cpu._np(mix.contiguous()), out.numpy(),
                                        H, W, shift)
     return out
 
