@@ -134,6 +134,10 @@ class ChannelMix(nn.Module):
             xk, xr = q_shift_lerp(x, torch.stack([self.mix_k, self.mix_r]), grid, self.shift_pixel, _proj_dtype(x))
         else:
             xk = xr = x
+        return self._gated(xk, xr)
+
+    def _gated(self, xk: torch.Tensor, xr: torch.Tensor) -> torch.Tensor:
+        """``σ(W_r x_r) ⊙ W_v(norm(relu(W_k x_k)^2))`` from the interpolated inputs (shared with VRWKV6's mix)."""
         k, r = self.key(xk), self.receptance(xr)
         if overwritable(k):  # in place: no new [B, T, 4C] tensors
             return torch.sigmoid_(r).mul_(self.value(self.key_norm(torch.relu_(k).square_())))

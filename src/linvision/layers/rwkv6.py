@@ -12,7 +12,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.wkv6 import wkv6
-from .inplace import overwritable
 from .linear import PackedLinear
 from .rwkv import ChannelMix, _ratio_init, q_shift
 
@@ -124,8 +123,4 @@ class ChannelMixV6(ChannelMix):
 
     def forward(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         xx = q_shift_multihead(x, grid, self.head_size, self.shift_pixel)
-        xk, xr = torch.lerp(xx, x, self.mix_k), torch.lerp(xx, x, self.mix_r)
-        k, r = self.key(xk), self.receptance(xr)
-        if overwritable(k):  # in place, as v4's channel mix: no new [B, T, 4C] tensors
-            return torch.sigmoid_(r).mul_(self.value(self.key_norm(torch.relu_(k).square_())))
-        return torch.sigmoid(r) * self.value(self.key_norm(torch.square(torch.relu(k))))
+        return self._gated(torch.lerp(xx, x, self.mix_k), torch.lerp(xx, x, self.mix_r))
