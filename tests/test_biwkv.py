@@ -394,6 +394,7 @@ def test_numba_scratch_buffers_are_safe_to_reuse(monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(bi_wkv(w, u, k1, v1), y1, rtol=0, atol=0)
     assert "a" not in biwkv_cpu._TLS.scratch and "X" not in biwkv_cpu._TLS.scratch
+    assert "a" not in biwkv_cpu._TLS.scratch_np  # nor their numpy views (which would keep them alive)
 
 
 def test_numba_keeps_torch_thread_count():

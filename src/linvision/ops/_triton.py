@@ -26,8 +26,6 @@ def triton_enabled(*tensors: torch.Tensor) -> bool:
     """True when every tensor is on CUDA and not float64, Triton is installed, and ``LINVISION_TRITON`` is not
     ``0`` — the condition for the ops to take their Triton path (float64 stays on the PyTorch path: the
     kernels compute in float32)."""
-    if os.environ.get("LINVISION_TRITON", "1") == "0":
+    if not all(t.is_cuda and t.dtype != torch.float64 for t in tensors):  # first: CPU calls skip the lookup
         return False
-    if not all(t.is_cuda and t.dtype != torch.float64 for t in tensors):
-        return False
-    return _IMPORTABLE
+    return os.environ.get("LINVISION_TRITON", "1") != "0" and _IMPORTABLE

@@ -233,22 +233,32 @@ def _np(x: torch.Tensor):
 SCRATCH_MAX_BYTES = 32 * 2 ** 20  # larger scratch tensors are allocated per call, not kept
 
 
-def _scratch(name: str, *shape: int, dtype: torch.dtype) -> torch.Tensor:
-    """This thread's buffer ``name`` of ``shape``/``dtype``: the last one when they match, else a new one (which
+def _scratch(name: str, *shape: int, dtype: torch.dtype) -> Tuple[torch.Tensor, np.ndarray]:
+    """This thread's buffer ``name`` of ``shape``/``dtype`` and its numpy view (for the kernels; kept with the buffer:
+    making a view costs ~2 µs): the last one when they match, else a new one (which
     replaces it). For tensors nobody keeps after the call. Writing a fresh multi-MiB tensor costs a page fault per
     4 KiB page — on this VM kind ~11 ms of a 15 ms Bi-WKV forward at T = 4,096, C = 192 (the kernel itself
     2.4 ms); a reused buffer is already mapped. One buffer per name and thread is kept, each at most
     ``SCRATCH_MAX_BYTES`` (32 MiB: a 2048² image at batch 1 fits; the forward keeps at most ~100 MiB per thread
     between calls); a larger one is allocated for the call alone."""
     cache = _TLS.__dict__.setdefault("scratch", {})
+    views = _TLS.__dict__.setdefault("scratch_np", {})
     if math.prod(shape) * dtype.itemsize > SCRATCH_MAX_BYTES:
         cache.pop(name, None)
-        return torch.empty(shape, dtype=dtype)
+        views.pop(name, None)
+        buf = torch.empty(shape, dtype=dtype)
+        return buf, buf.numpy()
     buf = cache.get(name)
     if buf is None or buf.shape != shape or buf.dtype != dtype:
         with torch.inference_mode(False):  # a normal tensor: writable in and outside inference mode
             buf = cache[name] = torch.empty(shape, dtype=dtype)
-    return buf
+        views[name] = buf.numpy()
+    return buf, views[name]
+
+
+def _cd(t: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
+    """``t`` in dtype ``cd``, contiguous (``t`` itself when it already is: no dispatch)."""
+    return t if t.dtype == cd and t.is_contiguous() else t.to(cd).contiguous()
 
 
 def forward(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, L: int, nc: int,
@@ -260,22 +270,25 @@ def forward(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     and ``δ'`` are not computed (y has the same bits)."""
     B, T, C = k.shape
     Tp = L * nc
-    w, u, k32, v32 = (t.to(cd).contiguous() for t in (w, u, k, v))
+    w, u, k32, v32 = (_cd(t, cd) for t in (w, u, k, v))
     # the one exp per element (torch's vectorised one), into a reused buffer: a is not kept after the kernel
-    a = torch.sub(k32, k32.amax(1, keepdim=True), out=_scratch("a", B, T, C, dtype=cd)).exp_()
+    a, an = _scratch("a", B, T, C, dtype=cd)
+    torch.sub(k32, k32.amax(1, keepdim=True), out=a).exp_()
     if Tp != T:
         a = F.pad(a, (0, 0, 0, Tp - T))
+        an = a.numpy()
         v32 = F.pad(v32, (0, 0, 0, Tp - T))
     y = torch.empty(B, Tp, C, dtype=cd)
     if reuse:
-        X, PS = _scratch("X", 2 * B, L, nc, C, dtype=cd), _scratch("PS", 2 * B, L, nc, C, dtype=cd)
-        car = _scratch("car", 2, 2 * B, nc, C, dtype=cd)
+        (X, Xn), (PS, PSn) = _scratch("X", 2 * B, L, nc, C, dtype=cd), _scratch("PS", 2 * B, L, nc, C, dtype=cd)
+        car, carn = _scratch("car", 2, 2 * B, nc, C, dtype=cd)
     else:
         X = torch.empty(2 * B, L, nc, C, dtype=cd)
         PS = torch.empty_like(X)
         car = torch.empty(2, 2 * B, nc, C, dtype=cd)
+        Xn, PSn, carn = X.numpy(), PS.numpy(), car.numpy()
     with threads("linvision::bi_wkv_fwd (numba)"):
-        _fwd_kernel(_np(w), _np(u), _np(a), _np(v32), _np(y), _np(X), _np(PS), _np(car), not reuse)
+        _fwd_kernel(_np(w), _np(u), an, _np(v32), y.numpy(), Xn, PSn, carn, not reuse)
     if Tp == T and v.dtype == cd:  # the common case, without the slice and casts (~15 µs a call at T = 196)
         return y, X, PS, car
     return y[:, :T].to(v.dtype).contiguous(), X, PS, car
