@@ -109,6 +109,13 @@ def _plain_linear(fn: Callable[[], None]) -> Callable[[], None]:
     return run
 
 
+def _model_repeats(res: int, repeats: int) -> int:
+    """Rounds of the model table: all ``repeats`` up to 512² (a 224² round of the seven candidates takes ~0.4 s;
+    seven rounds left the 224² ratios moving by ±6 % between runs of the same code), a third of them (at least 3)
+    above, where one round takes ~10 s."""
+    return repeats if res <= 512 else max(3, repeats // 3)
+
+
 def model_candidates(res: int) -> Dict[str, Callable[[], None]]:
     vrwkv = timm.create_model("vrwkv_tiny", img_size=res).eval()
     deit = timm.create_model("deit_tiny_patch16_224", img_size=res).eval()
@@ -155,7 +162,7 @@ def main() -> None:
     tokens = [int(t) for t in ns.tokens.split(",")]
     resolutions = [int(r) for r in ns.resolutions.split(",")]
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, fp32, batch 1, medians of {ns.repeats} interleaved "
-          f"repeats\n")
+          f"repeats (models above 512²: {_model_repeats(1024, ns.repeats)})\n")
     print("| threads | T | numba fwd ms | torch fwd ms | numba fwd+bwd ms | torch fwd+bwd ms | Linear fwd+bwd ms "
           "| numba ÷ Linear | torch ÷ Linear |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -174,7 +181,7 @@ def main() -> None:
     for n in threads:
         torch.set_num_threads(n)
         for res in resolutions:
-            m = interleaved_medians(model_candidates(res), max(3, ns.repeats // 3), warmup=1)
+            m = interleaved_medians(model_candidates(res), _model_repeats(res, ns.repeats), warmup=1)
             d = m["deit_tiny"]
             print(f"| {n} | {res}² | {m['vrwkv_tiny numba']:.1f} | {m['vrwkv_tiny torch']:.1f} | {m['vir_tiny']:.1f} "
                   f"| {m['vir_tiny chunkwise']:.1f} | {d:.1f} | {d / m['vrwkv_tiny numba']:.2f}× | "
