@@ -14,13 +14,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import LayerScale as _TimmLayerScale
 
+from ..ops._common import needs_grad
+
 __all__ = ["overwritable", "GELU", "LayerScale"]
 
 
 def overwritable(t: torch.Tensor) -> bool:
     """True when no gradient will flow through ``t`` (autograd off, or ``t`` does not require grad): an
     elementwise op may then overwrite it, provided nothing else reads it afterwards."""
-    return not (torch.is_grad_enabled() and t.requires_grad)
+    return not needs_grad(t)
 
 
 class GELU(nn.GELU):

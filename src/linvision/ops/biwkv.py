@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from ._common import needs_grad
 from ._triton import triton_enabled
 
 __all__ = ["bi_wkv_ref", "bi_wkv", "bi_wkv_official_kernel_ref", "BI_WKV_VARIANTS", "wkv_chunk_len", "cpu_kernel"]
@@ -532,7 +533,7 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
     if chunk_size is None:  # the compiled CPU kernel scans sequentially: one chunk (natural layout)
         chunk_size = 0 if kernel == "numba" else _auto_chunk(*k.shape)
     if kernel == "numba" and eager_cpu_kernel(k, kernel):  # the same kernels, without the custom op's dispatch
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (w, u, k, v)):
+        if needs_grad(w, u, k, v):
             return _BiWKVCPU.apply(w, u, k, v, int(chunk_size))
         return _numba_forward(w, u, k, v, int(chunk_size), reuse=True)[0]
     return torch.ops.linvision.bi_wkv_fwd(w, u, k, v, int(chunk_size))[0]

@@ -28,6 +28,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ._common import needs_grad
 from ._triton import triton_enabled
 
 __all__ = ["q_shift_ref", "q_shift_lerp"]
@@ -204,7 +205,7 @@ def q_shift_lerp(x: torch.Tensor, mix: torch.Tensor, grid: Tuple[int, int], shif
         return _q_shift_lerp_torch(x, mix.to(x.dtype), H, W, int(shift)).to(out_dtype)
     mix = mix.to(x.dtype)
     if x.dtype in (torch.float32, torch.float64) and eager_cpu_kernel(x, kernel):  # the kernel, no op dispatch
-        if torch.is_grad_enabled() and (x.requires_grad or mix.requires_grad):
+        if needs_grad(x, mix):
             return _QShiftLerpCPU.apply(x, mix, int(H), int(W), int(shift)).to(out_dtype)
         return _q_shift_lerp_numba(x, mix, int(H), int(W), int(shift)).to(out_dtype)
     return torch.ops.linvision.q_shift_lerp(x, mix, int(H), int(W), int(shift)).to(out_dtype)

@@ -22,6 +22,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from ._common import needs_grad
 from ._triton import triton_enabled
 
 __all__ = ["retention_ref", "retention_parallel", "retention_recurrent", "retention_chunkwise",
@@ -299,7 +300,7 @@ def retention_chunkwise_batched(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     # + the cross-chunk part, accumulated into o by the product itself (no separate pass); in o's dtype (under
     # autocast the products above are in the low-precision dtype, the elementwise products not)
     # qc, a fresh copy needed no more, is scaled in place when no gradient is computed (the product above saves it)
-    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, initial_state))
+    grads = needs_grad(q, k, v, initial_state)
     qh = qc * head if grads else qc.mul_(head)
     o.view(-1, L, V).baddbmm_(qh.view(-1, L, K).to(o.dtype), S.view(-1, K, V).to(o.dtype))
     o = o.view(B, H, n * L, V)[:, :, :T].transpose(1, 2).to(v.dtype)

@@ -32,6 +32,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._common import needs_grad
+
 __all__ = ["wkv6", "wkv6_ref", "wkv6_loop_free"]
 
 SCAN_LEVELS = 15  # wkv6_loop_free: doubling steps, enough for 2**15 chunks (524,288 tokens at the default chunk)
@@ -100,7 +102,7 @@ def _cpu_kernel_applies(*tensors: torch.Tensor) -> bool:
     x = tensors[0]
     if x.dtype not in (torch.float32, torch.float64):
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if needs_grad(*tensors):
         return False
     return eager_cpu_kernel(x)
 
@@ -190,7 +192,7 @@ def wkv6(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: 
     _check(r, k, v, w, u, "wkv6")
     if chunk_size < 1:
         raise ValueError(f"wkv6: chunk_size must be >= 1, got {chunk_size}")
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (r, k, v, w, u)):
+    if needs_grad(r, k, v, w, u):
         # keep only the inputs for backward (as the official kernel does) and recompute the chunked form there
         return torch.utils.checkpoint.checkpoint(_wkv6_chunked, r, k, v, w, u, chunk_size, use_reentrant=False)
     return _wkv6_chunked(r, k, v, w, u, chunk_size)
