@@ -299,7 +299,7 @@ def backward(gy: torch.Tensor, w: torch.Tensor, u: torch.Tensor, y: torch.Tensor
     """The op's backward on CPU with the compiled kernel: ``(dw [C], du [C], dk, dv [B, T, C])`` in X's dtype."""
     cd = X.dtype
     B, T, C = gy.shape
-    gy, w, u, y = (t.to(cd).contiguous() for t in (gy, w, u, y))
+    gy, w, u, y = (_cd(t, cd) for t in (gy, w, u, y))
     X, DD = X.contiguous(), DD.contiguous()
     dk = torch.empty(B, T, C, dtype=cd)
     dv = torch.empty_like(dk)

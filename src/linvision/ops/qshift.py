@@ -157,7 +157,7 @@ class _QShiftLerpCPU(torch.autograd.Function):
 
         x, mix = (t.detach().contiguous() for t in ctx.saved_tensors)
         H, W, shift = ctx.args
-        g = g.to(x.dtype).contiguous()
+        g = biwkv_cpu._cd(g, x.dtype)
         gx, hb = torch.empty_like(x), torch.empty_like(x)
         gmp = torch.empty(x.shape[0] * H, *mix.shape, dtype=torch.float64)  # ∂μ partial sums, one block per job
         with biwkv_cpu.threads("linvision::q_shift_lerp_bwd (numba)"):
