@@ -94,3 +94,48 @@ def test_channel_mix_in_place_inference_equals_training_forward(v6):
     with torch.no_grad():
         infer = mix(x, (6, 5))
     assert torch.equal(infer, train.detach())
+
+
+def test_mixers_keep_derived_parameters_only_while_they_are_unchanged():
+    """The spatial and channel mix keep the stacked μ's and w/T, u/T between inference calls (layers.rwkv._derived):
+    the same outputs as rebuilding them, rebuilt after an optimizer step, load_state_dict or a new T, never kept
+    while the parameters need a gradient, and usable by a frozen-parameter forward after an inference_mode one."""
+    from linvision.layers import rwkv
+
+    torch.manual_seed(0)
+    sm, cm = rwkv.SpatialMix(16, 1, 4), rwkv.ChannelMix(16, 64, 1, 4)
+    x, grid = torch.randn(2, 12, 16), (3, 4)
+
+    def fresh(m, xx, g):  # the forward with the cache emptied first (so derived values are rebuilt)
+        rwkv._DERIVED.pop(m, None)
+        return m(xx, g)
+
+    for m in (sm, cm):
+        with torch.inference_mode():
+            first = m(x, grid)
+            assert m in rwkv._DERIVED
+            assert torch.equal(m(x, grid), first) and torch.equal(fresh(m, x, grid), first)
+        kept = rwkv._DERIVED[m]
+        opt = torch.optim.SGD(m.parameters(), lr=0.5)
+        out = m(x, grid)  # training forward: parameters need grad -> nothing taken from or put in the cache
+        assert rwkv._DERIVED[m] is kept
+        out.square().sum().backward()
+        opt.step()  # in place: versions move
+        with torch.no_grad():
+            after_step = m(x, grid)
+            assert not torch.equal(after_step, first) and torch.equal(after_step, fresh(m, x, grid))
+            m.load_state_dict({k: v + 0.1 for k, v in m.state_dict().items()})
+            assert torch.equal(m(x, grid), fresh(m, x, grid))
+        m.requires_grad_(False)  # frozen backbone, input needs grad: the inference_mode-built values are saved
+        rwkv._DERIVED.pop(m, None)
+        with torch.inference_mode():
+            m(x, grid)  # built here
+        assert m in rwkv._DERIVED
+        xg = x.clone().requires_grad_()
+        m(xg, grid).sum().backward()
+        assert xg.grad is not None and torch.isfinite(xg.grad).all()
+        m.requires_grad_(True)
+    with torch.no_grad():  # another T: w/T and u/T rebuilt for it
+        x2, grid2 = torch.randn(1, 20, 16), (4, 5)
+        assert torch.equal(sm(x2, grid2), fresh(sm, x2, grid2))
+        assert torch.equal(sm(x, grid), fresh(sm, x, grid))
