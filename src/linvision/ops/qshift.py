@@ -203,13 +203,9 @@ def q_shift_lerp(x: torch.Tensor, mix: torch.Tensor, grid: Tuple[int, int], shif
     if kernel == "torch":  # plain tensor ops (also under torch.export / ONNX: a graph of standard ops, no custom op)
         # H, W as given: under a dynamic torch.export they are symbolic, and int() would pin the graph to one size
         return _q_shift_lerp_torch(x, mix.to(x.dtype), H, W, int(shift)).to(out_dtype)
-    if mix.dtype != x.dtype:
-        mix = mix.to(x.dtype)
+    mix = mix.to(x.dtype)
     if x.dtype in (torch.float32, torch.float64) and eager_cpu_kernel(x, kernel):  # the kernel, no op dispatch
         if needs_grad(x, mix):
-            out = _QShiftLerpCPU.apply(x, mix, int(H), int(W), int(shift))
-        else:
-            out = _q_shift_lerp_numba(x, mix, int(H), int(W), int(shift))
-    else:
-        out = torch.ops.linvision.q_shift_lerp(x, mix, int(H), int(W), int(shift))
-    return out if out.dtype == out_dtype else out.to(out_dtype)
+            return _QShiftLerpCPU.apply(x, mix, int(H), int(W), int(shift)).to(out_dtype)
+        return _q_shift_lerp_numba(x, mix, int(H), int(W), int(shift)).to(out_dtype)
+    return torch.ops.linvision.q_shift_lerp(x, mix, int(H), int(W), int(shift)).to(out_dtype)
