@@ -17,6 +17,12 @@ from linvision.layers.linear import PACKED_MIN_ROWS, PackedLinear, use_packed_li
 needs_onednn = pytest.mark.skipif(not L.packed_available(), reason="this torch build has no oneDNN packed linear")
 
 
+@pytest.fixture(autouse=True)
+def _packed_path_on(monkeypatch):
+    """These tests are about the packed path: on wherever oneDNN has it, whatever this CPU's default."""
+    monkeypatch.setattr(L, "_AVAILABLE", L.packed_available())
+
+
 def _lin(cin=48, cout=80, bias=True):
     torch.manual_seed(0)
     return PackedLinear(cin, cout, bias=bias)
@@ -137,3 +143,48 @@ def test_models_use_packed_products_at_many_tokens(name):
         torch.testing.assert_close(m(x), y.detach(), rtol=1e-4, atol=1e-5)
     layers = [mod for mod in m.modules() if isinstance(mod, PackedLinear)]
     assert layers and all(_packed_taken(mod) for mod in layers)
+
+
+@pytest.mark.parametrize("choice, vendor, expected", [
+    ("auto", "AuthenticAMD", True), ("auto", "GenuineIntel", False), ("auto", None, False),
+    (" AUTO ", "AuthenticAMD", True), ("", "AuthenticAMD", True), ("on", "GenuineIntel", True),
+    ("on", None, True), ("off", "AuthenticAMD", False)])
+def test_default_follows_vendor_and_choice(choice, vendor, expected, monkeypatch):
+    """``auto`` is on only for the vendor where packed products were measured faster (None: no vendor line, e.g.
+    not x86 Linux); ``on`` / ``off`` override it."""
+    monkeypatch.setattr(L, "cpu_vendor", lambda: vendor)
+    assert L.packed_default(choice) is (expected and L.packed_available())
+    if vendor is not None:
+        assert L.packed_default(choice, vendor=vendor) is (expected and L.packed_available())
+
+
+def test_default_reads_environment_and_rejects_bad_values(monkeypatch):
+    monkeypatch.setenv(L.PACKED_ENV, "off")
+    assert L.packed_default(vendor="AuthenticAMD") is False
+    monkeypatch.setenv(L.PACKED_ENV, "on")
+    assert L.packed_default(vendor="GenuineIntel") is L.packed_available()
+    monkeypatch.setenv(L.PACKED_ENV, "yes")
+    with pytest.raises(ValueError, match="LINVISION_PACKED_LINEAR must be one of"):
+        L.packed_default()
+    with pytest.raises(ValueError, match="choice must be one of"):
+        L.packed_default("fast")
+
+
+def test_cpu_vendor_parses_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n")
+    assert L.cpu_vendor(str(info)) == "AuthenticAMD"
+    info.write_text("processor\t: 0\nBogoMIPS\t: 50.00\n")  # e.g. aarch64: no vendor line
+    assert L.cpu_vendor(str(info)) is None
+    assert L.cpu_vendor(str(tmp_path / "missing")) is None
+
+
+def test_path_off_is_plain_linear_in_a_model(monkeypatch):
+    """With the path off (the default on Intel CPUs), a model's large inference products are ``F.linear``'s."""
+    monkeypatch.setattr(L, "_AVAILABLE", False)
+    torch.manual_seed(0)
+    m = timm.create_model("vrwkv_tiny", num_classes=10, img_size=384, patch_size=8).eval()
+    with torch.inference_mode():
+        m(torch.randn(1, 3, 384, 384))
+    layers = [mod for mod in m.modules() if isinstance(mod, PackedLinear)]
+    assert layers and not any(_packed_taken(mod) for mod in layers)

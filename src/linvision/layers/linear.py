@@ -8,16 +8,26 @@ medians of 5 interleaved rounds, ms per call, ``F.linear`` → packed): 4,096 ro
 8.1 → 7.2, 192→768 11.5 → 9.8, 768→192 11.4 → 8.9; 16,384 rows 13.6 → 10.6, 55.8 → 50.0, 71.0 → 58.6,
 45.6 → 34.0. Over few rows it is not faster (196 rows: 0.77–1.13×; 2,048 rows: 0.95–1.07×), so it is taken
 only from :data:`PACKED_MIN_ROWS` rows on.
+
+That was an AMD EPYC (AVX2). On an Intel Xeon VM (AVX-512, AMX) the same A/B (2 threads, packed on and off
+alternating per call, paired-ratio medians of 31 pairs, packed ÷ ``F.linear``) gave 4,096 rows 1.10, 1.14, 1.09,
+1.02 and 16,384 rows 1.06, 1.02, 0.88, 0.95 — MKL's own product, which ``F.linear`` calls, is as fast there — and
+whole models were slower with it (``vrwkv_tiny`` at 1024² 1.04, 1.07, 1.10; ``vir_tiny`` chunkwise 1.11, 1.00).
+So the packed path is on by default only where it was measured faster: CPUs whose vendor is AMD
+(:func:`packed_default`; the environment variable ``LINVISION_PACKED_LINEAR`` = ``auto`` | ``on`` | ``off``
+overrides, read at import).
 """
 from __future__ import annotations
 
-from typing import Iterable
+import os
+from typing import Iterable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["PackedLinear", "PACKED_MIN_ROWS", "packed_available", "use_packed_linears_"]
+__all__ = ["PackedLinear", "PACKED_MIN_ROWS", "PACKED_ENV", "packed_available", "packed_default", "cpu_vendor",
+           "use_packed_linears_"]
 
 #: fewest rows (``x.numel() // in_features``, e.g. ``B * T``) for which the packed product is used: about the
 #: crossover measured above. Also the row count the weight is packed for (oneDNN's blocking hint).
@@ -31,7 +41,51 @@ def packed_available() -> bool:
             and hasattr(ops, "_linear_pointwise"))
 
 
-_AVAILABLE = packed_available()
+#: environment variable choosing the packed path: ``auto`` (default: on where measured faster), ``on``, ``off``
+PACKED_ENV = "LINVISION_PACKED_LINEAR"
+_CHOICES = ("auto", "on", "off")
+#: CPU vendors (``vendor_id`` of ``/proc/cpuinfo``) on which the packed products were measured faster
+_FASTER_ON = ("AuthenticAMD",)
+
+
+def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
+    """The CPU vendor string (e.g. ``"AuthenticAMD"``, ``"GenuineIntel"``) from the ``vendor_id`` line of
+    ``cpuinfo``, or None where there is no such file or line (not Linux, not x86)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.partition(":")[2].strip() or None
+    except OSError:
+        pass
+    return None
+
+
+def packed_default(choice: Optional[str] = None, vendor: Optional[str] = None) -> bool:
+    """Whether :class:`PackedLinear` takes the packed path in this process.
+
+    Args:
+        choice: ``"auto"`` (on when oneDNN's ops exist and the CPU vendor is one where they were measured faster
+            than ``F.linear``: AMD, see the module docstring), ``"on"`` (whenever the ops exist) or ``"off"``;
+            None reads the environment variable ``LINVISION_PACKED_LINEAR`` (unset or empty: ``auto``).
+        vendor: the CPU vendor string; None reads it (:func:`cpu_vendor`).
+
+    Raises:
+        ValueError: ``choice`` (or the environment variable) is not one of ``auto``, ``on``, ``off``.
+    """
+    name = "choice" if choice is not None else f"environment variable {PACKED_ENV}"
+    if choice is None:
+        choice = os.environ.get(PACKED_ENV, "")
+    choice = choice.strip().lower() or "auto"
+    if choice not in _CHOICES:
+        raise ValueError(f"PackedLinear: {name} must be one of {_CHOICES}, got {choice!r}")
+    if choice == "off" or not packed_available():
+        return False
+    return choice == "on" or (vendor if vendor is not None else cpu_vendor()) in _FASTER_ON
+
+
+# the packed path is on in this process (tests and scripts/cpu_kernel_bench.py set it to compare the two)
+_AVAILABLE = packed_default()
 
 
 _is_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
@@ -49,14 +103,14 @@ def _plain_eager(x: torch.Tensor) -> bool:
 class PackedLinear(nn.Linear):
     """``nn.Linear`` (same parameters, state dict and results up to float rounding) that, without gradients, on
     CPU float32 tensors and from :data:`PACKED_MIN_ROWS` rows on, multiplies by a oneDNN-packed copy of its
-    weight.
+    weight — where that path is on (:func:`packed_default`: by default on AMD CPUs only).
 
     The packed copy is made on first use and again whenever the weight changes (an in-place update, e.g. an
     optimizer step or ``load_state_dict``, or new storage, e.g. ``.to()``); it is not part of the state dict.
     Everything else (training, autograd, other dtypes/devices, fewer rows, ``torch.export``/``torch.compile``/
     ``torch.jit``, ``torch.func`` transforms, autocast, dispatch modes such as ``FlopCounterMode``, torch builds
-    without oneDNN) runs ``F.linear``. Input ``[..., in_features]`` → ``[..., out_features]``, float32 on the
-    packed path. The packed copy costs one more weight's memory (22 MiB for ``vrwkv_tiny``, 20 MiB for
+    without oneDNN, the path off) runs ``F.linear``. Input ``[..., in_features]`` → ``[..., out_features]``,
+    float32 on the packed path. The packed copy costs one more weight's memory (22 MiB for ``vrwkv_tiny``, 20 MiB for
     ``vir_tiny``) from the first large inference on.
     """
 
