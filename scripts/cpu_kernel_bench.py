@@ -9,8 +9,8 @@ threads:
   tokens, at T = 196, 1024, 4096, 16384 (C = 192, fp32, batch 1);
 * ``vrwkv_tiny`` (numba and torch-ops Bi-WKV) and ``vir_tiny`` (its default ``mode="auto"``, and chunkwise) against
   timm's ``deit_tiny_patch16_224`` inference, batch 1, at 224² and 1024² (all built at that image size), and
-  ``vrwkv_tiny`` / ``vir_tiny`` chunkwise with PackedLinear's packed path set the other way (``F.linear`` where
-  it is on by default, i.e. AMD CPUs; packed weights elsewhere; ``linvision.layers.linear``);
+  ``vrwkv_tiny`` / ``vir_tiny`` chunkwise with every product packed and with every product through ``F.linear``
+  (PackedLinear's modes ``all`` / ``off``, ``linvision.layers.linear``; the main columns run this CPU's default);
 * ``vir_tiny`` parallel against chunkwise at ``--vir-forms`` sizes (where ``mode="auto"`` should switch);
 
 then prints markdown tables and the torch.profiler top-5 ops (self CPU time, with call counts) of ``vrwkv_tiny`` at
@@ -98,20 +98,16 @@ def _infer(model: torch.nn.Module, x: torch.Tensor, **kwargs) -> Callable[[], No
     return run
 
 
-def _other_linear() -> bool:
-    """The PackedLinear setting the bench compares against: the opposite of this process's (default: on for AMD
-    CPUs only, ``linvision.layers.linear.packed_default``), or off where oneDNN lacks the packed ops."""
-    return not packed_linear._AVAILABLE and packed_linear.packed_available()
-
-
-def _with_other_linear(fn: Callable[[], None]) -> Callable[[], None]:
-    """``fn`` with :class:`~linvision.layers.PackedLinear`'s packed path set to :func:`_other_linear`."""
+def _with_linear_mode(mode: str, fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` with :class:`~linvision.layers.PackedLinear`'s packed path in ``mode`` (``"all"``: every product
+    packed; ``"off"``: every product through ``F.linear``), then back to this process's mode."""
     def run() -> None:
-        saved, packed_linear._AVAILABLE = packed_linear._AVAILABLE, _other_linear()
+        saved = packed_linear._ALL, packed_linear._BIASED
+        packed_linear.set_packed_mode(mode)
         try:
             fn()
         finally:
-            packed_linear._AVAILABLE = saved
+            packed_linear._ALL, packed_linear._BIASED = saved
     return run
 
 
@@ -131,8 +127,9 @@ def model_candidates(res: int) -> Dict[str, Callable[[], None]]:
     return {"vrwkv_tiny numba": _with_path("numba", _infer(vrwkv, x)),
             "vrwkv_tiny torch": _with_path("torch", _infer(vrwkv, x)), "deit_tiny": _infer(deit, x),
             "vir_tiny": _infer(vir, x), "vir_tiny chunkwise": _infer(vir_chunk, x),
-            "vrwkv_tiny other linear": _with_other_linear(_with_path("numba", _infer(vrwkv, x))),
-            "vir_tiny chunkwise other linear": _with_other_linear(_infer(vir_chunk, x))}
+            **{f"vrwkv_tiny {mode}": _with_linear_mode(mode, _with_path("numba", _infer(vrwkv, x)))
+               for mode in ("all", "off")},
+            **{f"vir_tiny chunkwise {mode}": _with_linear_mode(mode, _infer(vir_chunk, x)) for mode in ("all", "off")}}
 
 
 def vir_form_candidates(res: int) -> Dict[str, Callable[[], None]]:
@@ -180,14 +177,14 @@ def main() -> None:
             print(f"| {n} | {T} | {m['numba fwd']:.3f} | {m['torch fwd']:.3f} | {m['numba fwd+bwd']:.3f} | "
                   f"{m['torch fwd+bwd']:.3f} | {lin:.3f} | {m['numba fwd+bwd'] / lin:.2f}× | "
                   f"{m['torch fwd+bwd'] / lin:.2f}× |", flush=True)
-    other = "packed" if _other_linear() else "F.linear"
-    print(f"\nPackedLinear's packed path in the main columns: {'on' if packed_linear._AVAILABLE else 'off'} "
-          f"(CPU vendor {packed_linear.cpu_vendor()}; {packed_linear.PACKED_ENV} overrides); last two columns: "
-          f"every product through {other}")
+    print(f"\nPackedLinear's packed path in the main columns: {packed_linear.packed_mode()} (CPU vendor "
+          f"{packed_linear.cpu_vendor()}; {packed_linear.PACKED_ENV} overrides); 'all': every product packed, "
+          "'off': every product through F.linear")
     print("\n| threads | image | vrwkv_tiny numba ms | vrwkv_tiny torch-ops ms | vir_tiny (auto) ms | vir_tiny "
           "chunkwise ms | deit_tiny ms | deit ÷ vrwkv (numba) | deit ÷ vrwkv (torch) | deit ÷ vir (auto) | deit ÷ vir "
-          f"(chunkwise) | deit ÷ vrwkv, {other} | deit ÷ vir chunkwise, {other} |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "(chunkwise) | deit ÷ vrwkv, all | deit ÷ vrwkv, off | deit ÷ vir chunkwise, all | deit ÷ vir chunkwise, "
+          "off |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n in threads:
         torch.set_num_threads(n)
         for res in resolutions:
@@ -196,8 +193,9 @@ def main() -> None:
             print(f"| {n} | {res}² | {m['vrwkv_tiny numba']:.1f} | {m['vrwkv_tiny torch']:.1f} | {m['vir_tiny']:.1f} "
                   f"| {m['vir_tiny chunkwise']:.1f} | {d:.1f} | {d / m['vrwkv_tiny numba']:.2f}× | "
                   f"{d / m['vrwkv_tiny torch']:.2f}× | {d / m['vir_tiny']:.2f}× | "
-                  f"{d / m['vir_tiny chunkwise']:.2f}× | {d / m['vrwkv_tiny other linear']:.2f}× | "
-                  f"{d / m['vir_tiny chunkwise other linear']:.2f}× |", flush=True)
+                  f"{d / m['vir_tiny chunkwise']:.2f}× | "
+                  + " | ".join(f"{d / m[f'{name} {mode}']:.2f}×" for name in ("vrwkv_tiny", "vir_tiny chunkwise")
+                               for mode in ("all", "off")) + " |", flush=True)
     print(f"\n| image | tokens | vir_tiny parallel ms | chunkwise ms | parallel ÷ chunkwise ({threads[-1]} threads) |")
     print("|---|---|---|---|---|")
     torch.set_num_threads(threads[-1])

@@ -20,7 +20,8 @@ needs_onednn = pytest.mark.skipif(not L.packed_available(), reason="this torch b
 @pytest.fixture(autouse=True)
 def _packed_path_on(monkeypatch):
     """These tests are about the packed path: on wherever oneDNN has it, whatever this CPU's default."""
-    monkeypatch.setattr(L, "_AVAILABLE", L.packed_available())
+    monkeypatch.setattr(L, "_ALL", L.packed_available())
+    monkeypatch.setattr(L, "_BIASED", L.packed_available())
 
 
 def _lin(cin=48, cout=80, bias=True):
@@ -60,7 +61,8 @@ def test_falls_back_to_linear_bit_for_bit(case, monkeypatch):
     elif case == "autocast":
         ctx = torch.autocast("cpu", dtype=torch.bfloat16)
     elif case == "unavailable":
-        monkeypatch.setattr(L, "_AVAILABLE", False)
+        monkeypatch.setattr(L, "_ALL", False)
+        monkeypatch.setattr(L, "_BIASED", False)
     with ctx:
         if case == "flop_counter":
             with FlopCounterMode(display=False) as counter:
@@ -146,28 +148,31 @@ def test_models_use_packed_products_at_many_tokens(name):
 
 
 @pytest.mark.parametrize("choice, vendor, expected", [
-    ("auto", "AuthenticAMD", True), ("auto", "GenuineIntel", False), ("auto", None, False),
-    (" AUTO ", "AuthenticAMD", True), ("", "AuthenticAMD", True), ("on", "GenuineIntel", True),
-    ("on", None, True), ("off", "AuthenticAMD", False)])
-def test_default_follows_vendor_and_choice(choice, vendor, expected, monkeypatch):
-    """``auto`` is on only for the vendor where packed products were measured faster (None: no vendor line, e.g.
-    not x86 Linux); ``on`` / ``off`` override it."""
+    ("auto", "AuthenticAMD", "all"), ("auto", "GenuineIntel", "biased"), ("auto", None, "off"),
+    ("auto", "HygonGenuine", "off"), (" AUTO ", "AuthenticAMD", "all"), ("", "GenuineIntel", "biased"),
+    ("all", "GenuineIntel", "all"), ("biased", None, "biased"), ("off", "AuthenticAMD", "off")])
+def test_mode_follows_vendor_and_choice(choice, vendor, expected, monkeypatch):
+    """``auto`` follows the vendor as measured (None: no vendor line, e.g. not x86 Linux; unmeasured vendors:
+    off); the other choices override it."""
     monkeypatch.setattr(L, "cpu_vendor", lambda: vendor)
-    assert L.packed_default(choice) is (expected and L.packed_available())
+    want = expected if L.packed_available() else "off"
+    assert L.packed_mode(choice) == want
     if vendor is not None:
-        assert L.packed_default(choice, vendor=vendor) is (expected and L.packed_available())
+        assert L.packed_mode(choice, vendor=vendor) == want
 
 
-def test_default_reads_environment_and_rejects_bad_values(monkeypatch):
+def test_mode_reads_environment_and_rejects_bad_values(monkeypatch):
     monkeypatch.setenv(L.PACKED_ENV, "off")
-    assert L.packed_default(vendor="AuthenticAMD") is False
+    assert L.packed_mode(vendor="AuthenticAMD") == "off"
+    monkeypatch.setenv(L.PACKED_ENV, "all")
+    assert L.packed_mode(vendor="GenuineIntel") == ("all" if L.packed_available() else "off")
     monkeypatch.setenv(L.PACKED_ENV, "on")
-    assert L.packed_default(vendor="GenuineIntel") is L.packed_available()
-    monkeypatch.setenv(L.PACKED_ENV, "yes")
     with pytest.raises(ValueError, match="LINVISION_PACKED_LINEAR must be one of"):
-        L.packed_default()
+        L.packed_mode()
+    with pytest.raises(ValueError, match="LINVISION_PACKED_LINEAR must be one of"):
+        L.set_packed_mode(None)
     with pytest.raises(ValueError, match="choice must be one of"):
-        L.packed_default("fast")
+        L.packed_mode("fast")
 
 
 def test_cpu_vendor_parses_cpuinfo(tmp_path):
@@ -179,12 +184,36 @@ def test_cpu_vendor_parses_cpuinfo(tmp_path):
     assert L.cpu_vendor(str(tmp_path / "missing")) is None
 
 
-def test_path_off_is_plain_linear_in_a_model(monkeypatch):
-    """With the path off (the default on Intel CPUs), a model's large inference products are ``F.linear``'s."""
-    monkeypatch.setattr(L, "_AVAILABLE", False)
+@needs_onednn
+@pytest.mark.parametrize("mode", ["all", "biased", "off"])
+def test_set_packed_mode_chooses_layers(mode, monkeypatch):
+    """``biased`` (Intel's default) packs only the Linears with a bias; ``off`` none; the results stay
+    ``F.linear``'s (bit for bit where not packed)."""
+    monkeypatch.setattr(L, "_ALL", L._ALL)  # restored after the test
+    monkeypatch.setattr(L, "_BIASED", L._BIASED)
+    L.set_packed_mode(mode)
+    with_bias, without = _lin(bias=True), _lin(bias=False)
+    x = torch.randn(PACKED_MIN_ROWS, 48)
+    with torch.no_grad():
+        ys = [lin(x) for lin in (with_bias, without)]
+    assert _packed_taken(with_bias) is (mode != "off") and _packed_taken(without) is (mode == "all")
+    for lin, y in zip((with_bias, without), ys):
+        ref = F.linear(x, lin.weight, lin.bias)
+        if _packed_taken(lin):
+            torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(y, ref)
+
+
+@needs_onednn
+def test_modes_in_models(monkeypatch):
+    """Vision-RWKV's block Linears have no bias, ViR's all have one: under ``biased`` only ViR's are packed."""
+    monkeypatch.setattr(L, "_ALL", False)
+    monkeypatch.setattr(L, "_BIASED", True)
     torch.manual_seed(0)
-    m = timm.create_model("vrwkv_tiny", num_classes=10, img_size=384, patch_size=8).eval()
-    with torch.inference_mode():
-        m(torch.randn(1, 3, 384, 384))
-    layers = [mod for mod in m.modules() if isinstance(mod, PackedLinear)]
-    assert layers and not any(_packed_taken(mod) for mod in layers)
+    for name, packed in (("vrwkv_tiny", False), ("vir_tiny", True)):
+        m = timm.create_model(name, num_classes=10, img_size=384, patch_size=8).eval()
+        with torch.inference_mode():
+            m(torch.randn(1, 3, 384, 384))
+        layers = [mod for mod in m.modules() if isinstance(mod, PackedLinear)]
+        assert layers and all(_packed_taken(mod) is packed for mod in layers), name

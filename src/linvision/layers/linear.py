@@ -9,13 +9,16 @@ medians of 5 interleaved rounds, ms per call, ``F.linear`` → packed): 4,096 ro
 45.6 → 34.0. Over few rows it is not faster (196 rows: 0.77–1.13×; 2,048 rows: 0.95–1.07×), so it is taken
 only from :data:`PACKED_MIN_ROWS` rows on.
 
-That was an AMD EPYC (AVX2). On an Intel Xeon VM (AVX-512, AMX) the same A/B (2 threads, packed on and off
-alternating per call, paired-ratio medians of 31 pairs, packed ÷ ``F.linear``) gave 4,096 rows 1.10, 1.14, 1.09,
-1.02 and 16,384 rows 1.06, 1.02, 0.88, 0.95 — MKL's own product, which ``F.linear`` calls, is as fast there — and
-whole models were slower with it (``vrwkv_tiny`` at 1024² 1.04, 1.07, 1.10; ``vir_tiny`` chunkwise 1.11, 1.00).
-So the packed path is on by default only where it was measured faster: CPUs whose vendor is AMD
-(:func:`packed_default`; the environment variable ``LINVISION_PACKED_LINEAR`` = ``auto`` | ``on`` | ``off``
-overrides, read at import).
+That was an AMD EPYC (AVX2). On an Intel Xeon VM (AVX-512, AMX; same A/B, 2 threads, packed and ``F.linear``
+alternating per call, paired-ratio medians of 25 pairs, packed ÷ ``F.linear``), it depends on the bias. Without
+one (``F.linear`` → MKL's ``mm``), the same four shapes gave 4,096 rows 1.10, 1.11, 1.08, 0.95 and 16,384 rows
+1.05, 1.03, 0.78, 0.97; with one (``F.linear`` → ``addmm``, which first copies the bias into every output row;
+the packed op adds it in its epilogue) 1.05, 0.93, 0.98, 0.93 and 0.94, 0.98, 0.96, 0.92. Whole models there at
+1024² agree: ``vrwkv_tiny`` (no bias in its blocks) 1.02–1.10 in five A/Bs, ``vir_tiny`` chunkwise (biases
+everywhere) 0.90–0.98 in two (1.00, 1.11 in two earlier ones). So by default (:func:`packed_mode`, ``auto``) the
+packed path serves every PackedLinear on AMD CPUs, only those with a bias on Intel ones, and none where the
+vendor is unknown (not measured); the environment variable ``LINVISION_PACKED_LINEAR`` (``auto`` | ``all`` |
+``biased`` | ``off``, read at import) overrides.
 """
 from __future__ import annotations
 
@@ -26,8 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["PackedLinear", "PACKED_MIN_ROWS", "PACKED_ENV", "packed_available", "packed_default", "cpu_vendor",
-           "use_packed_linears_"]
+__all__ = ["PackedLinear", "PACKED_MIN_ROWS", "PACKED_ENV", "packed_available", "packed_mode", "set_packed_mode",
+           "cpu_vendor", "use_packed_linears_"]
 
 #: fewest rows (``x.numel() // in_features``, e.g. ``B * T``) for which the packed product is used: about the
 #: crossover measured above. Also the row count the weight is packed for (oneDNN's blocking hint).
@@ -41,11 +44,11 @@ def packed_available() -> bool:
             and hasattr(ops, "_linear_pointwise"))
 
 
-#: environment variable choosing the packed path: ``auto`` (default: on where measured faster), ``on``, ``off``
+#: environment variable choosing which PackedLinears take the packed path (:func:`packed_mode`)
 PACKED_ENV = "LINVISION_PACKED_LINEAR"
-_CHOICES = ("auto", "on", "off")
-#: CPU vendors (``vendor_id`` of ``/proc/cpuinfo``) on which the packed products were measured faster
-_FASTER_ON = ("AuthenticAMD",)
+PACKED_MODES = ("auto", "all", "biased", "off")
+#: the ``auto`` mode by CPU vendor (``vendor_id`` of ``/proc/cpuinfo``), as measured (module docstring)
+_AUTO_BY_VENDOR = {"AuthenticAMD": "all", "GenuineIntel": "biased"}
 
 
 def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
@@ -61,31 +64,42 @@ def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
     return None
 
 
-def packed_default(choice: Optional[str] = None, vendor: Optional[str] = None) -> bool:
-    """Whether :class:`PackedLinear` takes the packed path in this process.
+def packed_mode(choice: Optional[str] = None, vendor: Optional[str] = None) -> str:
+    """Which :class:`PackedLinear` s take the packed path in this process: ``"all"``, ``"biased"`` (those with a
+    bias) or ``"off"``.
 
     Args:
-        choice: ``"auto"`` (on when oneDNN's ops exist and the CPU vendor is one where they were measured faster
-            than ``F.linear``: AMD, see the module docstring), ``"on"`` (whenever the ops exist) or ``"off"``;
-            None reads the environment variable ``LINVISION_PACKED_LINEAR`` (unset or empty: ``auto``).
+        choice: one of :data:`PACKED_MODES`; ``"auto"``: by the CPU vendor where measured (AMD ``"all"``, Intel
+            ``"biased"``), else ``"off"``. None reads the environment variable ``LINVISION_PACKED_LINEAR`` (unset
+            or empty: ``auto``). Always ``"off"`` when this torch build lacks the packed ops.
         vendor: the CPU vendor string; None reads it (:func:`cpu_vendor`).
 
     Raises:
-        ValueError: ``choice`` (or the environment variable) is not one of ``auto``, ``on``, ``off``.
+        ValueError: ``choice`` (or the environment variable) is not one of :data:`PACKED_MODES`.
     """
     name = "choice" if choice is not None else f"environment variable {PACKED_ENV}"
     if choice is None:
         choice = os.environ.get(PACKED_ENV, "")
     choice = choice.strip().lower() or "auto"
-    if choice not in _CHOICES:
-        raise ValueError(f"PackedLinear: {name} must be one of {_CHOICES}, got {choice!r}")
-    if choice == "off" or not packed_available():
-        return False
-    return choice == "on" or (vendor if vendor is not None else cpu_vendor()) in _FASTER_ON
+    if choice not in PACKED_MODES:
+        raise ValueError(f"PackedLinear: {name} must be one of {PACKED_MODES}, got {choice!r}")
+    if not packed_available():
+        return "off"
+    if choice == "auto":
+        return _AUTO_BY_VENDOR.get(vendor if vendor is not None else cpu_vendor(), "off")
+    return choice
 
 
-# the packed path is on in this process (tests and scripts/cpu_kernel_bench.py set it to compare the two)
-_AVAILABLE = packed_default()
+def set_packed_mode(mode: Optional[str]) -> None:
+    """Set which PackedLinears take the packed path from now on in this process: ``mode`` as ``choice`` of
+    :func:`packed_mode` (None: the environment variable, as at import). Raises ValueError as it does."""
+    global _ALL, _BIASED
+    mode = packed_mode(mode)
+    _ALL, _BIASED = mode == "all", mode != "off"
+
+
+_ALL = _BIASED = False  # packed products for every PackedLinear / for those with a bias (set just below)
+set_packed_mode(None)
 
 
 _is_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
@@ -103,7 +117,8 @@ def _plain_eager(x: torch.Tensor) -> bool:
 class PackedLinear(nn.Linear):
     """``nn.Linear`` (same parameters, state dict and results up to float rounding) that, without gradients, on
     CPU float32 tensors and from :data:`PACKED_MIN_ROWS` rows on, multiplies by a oneDNN-packed copy of its
-    weight — where that path is on (:func:`packed_default`: by default on AMD CPUs only).
+    weight — where that path is on (:func:`packed_mode`: by default for every PackedLinear on AMD CPUs, for those
+    with a bias on Intel ones).
 
     The packed copy is made on first use and again whenever the weight changes (an in-place update, e.g. an
     optimizer step or ``load_state_dict``, or new storage, e.g. ``.to()``); it is not part of the state dict.
@@ -117,7 +132,8 @@ class PackedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         # the row count first: small inputs (224² images) pay one comparison
-        if (_AVAILABLE and x.numel() >= PACKED_MIN_ROWS * self.in_features and not torch.is_grad_enabled()
+        if (x.numel() >= PACKED_MIN_ROWS * self.in_features and (_ALL or (_BIASED and self.bias is not None))
+                and not torch.is_grad_enabled()
                 and type(x) is torch.Tensor and x.device.type == "cpu" and x.dtype == torch.float32
                 and w.dtype == torch.float32 and w.device.type == "cpu" and _plain_eager(x)):
             return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), self.bias, "none", [], "")
