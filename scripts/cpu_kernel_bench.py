@@ -129,7 +129,8 @@ def model_candidates(res: int) -> Dict[str, Callable[[], None]]:
             "vir_tiny": _infer(vir, x), "vir_tiny chunkwise": _infer(vir_chunk, x),
             **{f"vrwkv_tiny {mode}": _with_linear_mode(mode, _with_path("numba", _infer(vrwkv, x)))
                for mode in ("all", "off")},
-            **{f"vir_tiny chunkwise {mode}": _with_linear_mode(mode, _infer(vir_chunk, x)) for mode in ("all", "off")}}
+            **{f"vir_tiny chunkwise {mode}": _with_linear_mode(mode, _infer(vir_chunk, x))
+               for mode in ("all", "off")}}
 
 
 def vir_form_candidates(res: int) -> Dict[str, Callable[[], None]]:

@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["PackedLinear", "PACKED_MIN_ROWS", "PACKED_ENV", "packed_available", "packed_mode", "set_packed_mode",
-           "cpu_vendor", "use_packed_linears_"]
+__all__ = ["PackedLinear", "PACKED_MIN_ROWS", "PACKED_ENV", "PACKED_MODES", "packed_available", "packed_mode",
+           "set_packed_mode", "cpu_vendor", "use_packed_linears_"]
 
 #: fewest rows (``x.numel() // in_features``, e.g. ``B * T``) for which the packed product is used: about the
 #: crossover measured above. Also the row count the weight is packed for (oneDNN's blocking hint).
@@ -125,8 +125,8 @@ class PackedLinear(nn.Linear):
     Everything else (training, autograd, other dtypes/devices, fewer rows, ``torch.export``/``torch.compile``/
     ``torch.jit``, ``torch.func`` transforms, autocast, dispatch modes such as ``FlopCounterMode``, torch builds
     without oneDNN, the path off) runs ``F.linear``. Input ``[..., in_features]`` → ``[..., out_features]``,
-    float32 on the packed path. The packed copy costs one more weight's memory (22 MiB for ``vrwkv_tiny``, 20 MiB for
-    ``vir_tiny``) from the first large inference on.
+    float32 on the packed path. The packed copy costs one more weight's memory (22 MiB for ``vrwkv_tiny``, 20 MiB
+    for ``vir_tiny``) from the first large inference that takes it.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
