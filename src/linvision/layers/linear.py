@@ -9,16 +9,17 @@ medians of 5 interleaved rounds, ms per call, ``F.linear`` → packed): 4,096 ro
 45.6 → 34.0. Over few rows it is not faster (196 rows: 0.77–1.13×; 2,048 rows: 0.95–1.07×), so it is taken
 only from :data:`PACKED_MIN_ROWS` rows on.
 
-That was an AMD EPYC (AVX2). On an Intel Xeon VM (AVX-512, AMX; same A/B, 2 threads, packed and ``F.linear``
-alternating per call, paired-ratio medians of 25 pairs, packed ÷ ``F.linear``), it depends on the bias. Without
-one (``F.linear`` → MKL's ``mm``), the same four shapes gave 4,096 rows 1.10, 1.11, 1.08, 0.95 and 16,384 rows
-1.05, 1.03, 0.78, 0.97; with one (``F.linear`` → ``addmm``, which first copies the bias into every output row;
-the packed op adds it in its epilogue) 1.05, 0.93, 0.98, 0.93 and 0.94, 0.98, 0.96, 0.92. Whole models there at
-1024² agree: ``vrwkv_tiny`` (no bias in its blocks) 1.02–1.10 in five A/Bs, ``vir_tiny`` chunkwise (biases
-everywhere) 0.90–0.98 in two (1.00, 1.11 in two earlier ones). So by default (:func:`packed_mode`, ``auto``) the
-packed path serves every PackedLinear on AMD CPUs, only those with a bias on Intel ones, and none where the
-vendor is unknown (not measured); the environment variable ``LINVISION_PACKED_LINEAR`` (``auto`` | ``all`` |
-``biased`` | ``off``, read at import) overrides.
+That was an AMD EPYC (AVX2). On an Intel Xeon VM (AVX-512, AMX; same four shapes, 2 threads, packed and
+``F.linear`` alternating per call, paired-ratio medians of 25 pairs, packed ÷ ``F.linear``, two runs) it depends on
+the bias. Without one (``F.linear`` → MKL's ``mm``): 4,096 rows 1.10/1.10, 1.11/1.13, 1.08/1.07, 0.95/0.99;
+16,384 rows 1.05/1.06, 1.03/1.03, 0.78/0.73, 0.97/0.98. With one (``F.linear`` → ``addmm``, which first copies
+the bias into every output row; the packed op adds it in its epilogue): 4,096 rows 1.05/1.02, 0.93/1.02,
+0.98/0.97, 0.93/0.98; 16,384 rows 0.94/0.89, 0.98/0.98, 0.96/0.96, 0.92/0.95. Whole models at 1024² (forwards
+alternating, 25 pairs; the same code on both sides reads 1.01–1.03): ``vrwkv_tiny`` (no bias in its blocks)
+1.02–1.10 in seven A/Bs, ``vir_tiny`` chunkwise (biases everywhere) 0.90–1.11 in six (median 0.99). So by
+default (:func:`packed_mode`, ``auto``) the packed path serves every PackedLinear on AMD CPUs, only those with a
+bias on Intel ones, and none where the vendor is unknown (not measured); the environment variable
+``LINVISION_PACKED_LINEAR`` (``auto`` | ``all`` | ``biased`` | ``off``, read at import) overrides.
 """
 from __future__ import annotations
 
