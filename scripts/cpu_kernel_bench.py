@@ -102,12 +102,8 @@ def _with_linear_mode(mode: str, fn: Callable[[], None]) -> Callable[[], None]:
     """``fn`` with :class:`~linvision.layers.PackedLinear`'s packed path in ``mode`` (``"all"``: every product
     packed; ``"off"``: every product through ``F.linear``), then back to this process's mode."""
     def run() -> None:
-        saved = packed_linear._ALL, packed_linear._BIASED
-        packed_linear.set_packed_mode(mode)
-        try:
+        with packed_linear.packed_mode_scope(mode):
             fn()
-        finally:
-            packed_linear._ALL, packed_linear._BIASED = saved
     return run
 
 

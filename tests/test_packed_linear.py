@@ -18,10 +18,11 @@ needs_onednn = pytest.mark.skipif(not L.packed_available(), reason="this torch b
 
 
 @pytest.fixture(autouse=True)
-def _packed_path_on(monkeypatch):
-    """These tests are about the packed path: on wherever oneDNN has it, whatever this CPU's default."""
-    monkeypatch.setattr(L, "_ALL", L.packed_available())
-    monkeypatch.setattr(L, "_BIASED", L.packed_available())
+def _packed_path_on():
+    """These tests are about the packed path: on wherever oneDNN has it, whatever this CPU's default (and this
+    process's mode again after each test, whatever the test set)."""
+    with L.packed_mode_scope("all"):
+        yield
 
 
 def _lin(cin=48, cout=80, bias=True):
@@ -48,7 +49,7 @@ def test_packed_product_equals_linear(shape, bias, ctx):
 
 
 @pytest.mark.parametrize("case", ["few_rows", "grad", "float64", "autocast", "flop_counter", "vmap", "unavailable"])
-def test_falls_back_to_linear_bit_for_bit(case, monkeypatch):
+def test_falls_back_to_linear_bit_for_bit(case):
     lin = _lin()
     x = torch.randn(2 * PACKED_MIN_ROWS, 48)
     ctx = torch.no_grad()
@@ -61,8 +62,7 @@ def test_falls_back_to_linear_bit_for_bit(case, monkeypatch):
     elif case == "autocast":
         ctx = torch.autocast("cpu", dtype=torch.bfloat16)
     elif case == "unavailable":
-        monkeypatch.setattr(L, "_ALL", False)
-        monkeypatch.setattr(L, "_BIASED", False)
+        L.set_packed_mode("off")
     with ctx:
         if case == "flop_counter":
             with FlopCounterMode(display=False) as counter:
@@ -186,12 +186,10 @@ def test_cpu_vendor_parses_cpuinfo(tmp_path):
 
 @needs_onednn
 @pytest.mark.parametrize("mode", ["all", "biased", "off"])
-def test_set_packed_mode_chooses_layers(mode, monkeypatch):
+def test_set_packed_mode_chooses_layers(mode):
     """``biased`` (Intel's default) packs only the Linears with a bias; ``off`` none; the results stay
     ``F.linear``'s (bit for bit where not packed)."""
-    monkeypatch.setattr(L, "_ALL", L._ALL)  # restored after the test
-    monkeypatch.setattr(L, "_BIASED", L._BIASED)
-    L.set_packed_mode(mode)
+    L.set_packed_mode(mode)  # the autouse fixture restores the mode
     with_bias, without = _lin(bias=True), _lin(bias=False)
     x = torch.randn(PACKED_MIN_ROWS, 48)
     with torch.no_grad():
@@ -206,10 +204,9 @@ def test_set_packed_mode_chooses_layers(mode, monkeypatch):
 
 
 @needs_onednn
-def test_modes_in_models(monkeypatch):
+def test_modes_in_models():
     """Vision-RWKV's block Linears have no bias, ViR's all have one: under ``biased`` only ViR's are packed."""
-    monkeypatch.setattr(L, "_ALL", False)
-    monkeypatch.setattr(L, "_BIASED", True)
+    L.set_packed_mode("biased")
     torch.manual_seed(0)
     for name, packed in (("vrwkv_tiny", False), ("vir_tiny", True)):
         m = timm.create_model(name, num_classes=10, img_size=384, patch_size=8).eval()
@@ -217,3 +214,15 @@ def test_modes_in_models(monkeypatch):
             m(torch.randn(1, 3, 384, 384))
         layers = [mod for mod in m.modules() if isinstance(mod, PackedLinear)]
         assert layers and all(_packed_taken(mod) is packed for mod in layers), name
+
+
+def test_packed_mode_scope_restores(monkeypatch):
+    before = L._ALL, L._BIASED
+    with L.packed_mode_scope("off"):
+        assert (L._ALL, L._BIASED) == (False, False)
+    assert (L._ALL, L._BIASED) == before
+    monkeypatch.setenv(L.PACKED_ENV, "bogus")
+    with pytest.raises(ValueError, match="LINVISION_PACKED_LINEAR"):
+        with L.packed_mode_scope(None):
+            pass
+    assert (L._ALL, L._BIASED) == before

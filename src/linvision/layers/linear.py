@@ -23,15 +23,16 @@ bias on Intel ones, and none where the vendor is unknown (not measured); the env
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["PackedLinear", "PACKED_MIN_ROWS", "PACKED_ENV", "PACKED_MODES", "packed_available", "packed_mode",
-           "set_packed_mode", "cpu_vendor", "use_packed_linears_"]
+           "set_packed_mode", "packed_mode_scope", "cpu_vendor", "use_packed_linears_"]
 
 #: fewest rows (``x.numel() // in_features``, e.g. ``B * T``) for which the packed product is used: about the
 #: crossover measured above. Also the row count the weight is packed for (oneDNN's blocking hint).
@@ -97,6 +98,19 @@ def set_packed_mode(mode: Optional[str]) -> None:
     global _ALL, _BIASED
     mode = packed_mode(mode)
     _ALL, _BIASED = mode == "all", mode != "off"
+
+
+@contextlib.contextmanager
+def packed_mode_scope(mode: Optional[str]) -> Iterator[None]:
+    """``with packed_mode_scope(mode):`` :func:`set_packed_mode` for the block, then the mode before it again
+    (e.g. to time or test one mode whatever this CPU's default)."""
+    global _ALL, _BIASED
+    saved = _ALL, _BIASED
+    set_packed_mode(mode)
+    try:
+        yield
+    finally:
+        _ALL, _BIASED = saved
 
 
 _ALL = _BIASED = False  # packed products for every PackedLinear / for those with a bias (set just below)
